@@ -1,0 +1,124 @@
+"""uvmkit.engine against a real Docker engine and a real local registry."""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import uuid
+
+import docker
+import pytest
+from docker.errors import ImageNotFound
+
+from uvmkit.engine import EXPORT_LABEL, connect, export_image, resolve_image
+from uvmkit.errors import EngineError
+
+pytestmark = pytest.mark.engine
+
+
+def _our_containers(client: docker.DockerClient) -> set[str]:
+    return {str(c.id) for c in client.containers.list(all=True, filters={"label": EXPORT_LABEL})}
+
+
+def test_resolve_local_image(engine: docker.DockerClient, busybox_image: str) -> None:
+    info = resolve_image(busybox_image, pull=False, client=engine)
+
+    assert info.ref == busybox_image
+    assert info.id.startswith("sha256:")
+    assert info.id == engine.images.get(busybox_image).id
+    assert info.comment.startswith("uvmkit seed: Debian busybox-static ")
+    assert info.labels["org.uvmkit.origin"].startswith("debian:busybox-static=")
+    assert info.size > 500_000
+
+
+def test_export_is_a_tar_of_the_tree(engine: docker.DockerClient, busybox_image: str) -> None:
+    info = resolve_image(busybox_image, client=engine)
+    before = _our_containers(engine)
+
+    with export_image(info, client=engine) as stream:
+        data = b"".join(stream)
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        busybox = tar.getmember("bin/busybox")
+        sh = tar.getmember("bin/sh")
+        tmp = tar.getmember("tmp")
+    assert busybox.isfile() and busybox.size > 500_000
+    assert sh.issym() and sh.linkname == "busybox"
+    assert tmp.mode & 0o7777 == 0o1777
+    assert _our_containers(engine) == before
+
+
+def test_container_removed_when_consumer_fails(
+    engine: docker.DockerClient, busybox_image: str
+) -> None:
+    info = resolve_image(busybox_image, client=engine)
+    before = _our_containers(engine)
+
+    with (
+        pytest.raises(RuntimeError, match="consumer gave up"),
+        export_image(info, client=engine) as stream,
+    ):
+        next(stream)
+        assert len(_our_containers(engine) - before) == 1
+        raise RuntimeError("consumer gave up")
+
+    assert _our_containers(engine) == before
+
+
+def test_container_removed_on_ctrl_c(engine: docker.DockerClient, busybox_image: str) -> None:
+    info = resolve_image(busybox_image, client=engine)
+    before = _our_containers(engine)
+
+    with pytest.raises(KeyboardInterrupt), export_image(info, client=engine) as stream:
+        for _chunk in stream:
+            raise KeyboardInterrupt
+
+    assert _our_containers(engine) == before
+
+
+def test_missing_image_names_it(engine: docker.DockerClient) -> None:
+    ref = f"uvmkit-test/no-such-image:{uuid.uuid4().hex[:8]}"
+
+    with pytest.raises(EngineError, match=re.escape(f"image {ref} is not in the engine")):
+        resolve_image(ref, pull=False, client=engine)
+    # Pulling goes to Docker Hub, which either lacks it or is unreachable: either way one
+    # error naming the image.
+    with pytest.raises(EngineError, match=re.escape(f"cannot pull image {ref}")) as caught:
+        resolve_image(ref, client=engine)
+    assert "\n" not in caught.value.message
+    assert caught.value.hint
+
+
+@pytest.mark.registry
+def test_pull_through_local_registry(
+    engine: docker.DockerClient, busybox_image: str, registry: str
+) -> None:
+    remote = f"{registry}/uvmkit-test/busybox"
+    ref = f"{remote}:1"
+    local_id = engine.images.get(busybox_image).id
+    engine.images.get(busybox_image).tag(remote, "1")
+    for line in engine.images.push(remote, tag="1", stream=True, decode=True):
+        assert "error" not in line, line
+    engine.images.remove(ref)
+    with pytest.raises(ImageNotFound):
+        engine.images.get(ref)
+
+    try:
+        info = resolve_image(ref, client=engine)
+
+        assert info.id == local_id
+        assert any(d.startswith(f"{remote}@sha256:") for d in info.repo_digests)
+    finally:
+        engine.images.remove(ref)
+
+
+def test_unreachable_docker_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:9")
+
+    with pytest.raises(
+        EngineError, match=re.escape("cannot reach a Docker engine at tcp://127.0.0.1:9")
+    ):
+        connect()
+    with pytest.raises(EngineError, match="cannot reach"):
+        resolve_image("busybox:local")

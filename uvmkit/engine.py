@@ -1,0 +1,251 @@
+"""The Docker engine as a source of base root filesystems: find an image, export its tree.
+
+uvmkit talks to a real engine through the Docker SDK. Which engine: the one DOCKER_HOST
+names; else the system engine at /var/run/docker.sock; else the private engine that
+./setup.sh starts at PRIVATE_SOCKET when the machine has no engine of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import requests
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.images import Image
+from docker.utils import parse_repository_tag
+
+from .errors import EngineError
+from .log import human_size, log, progress
+
+SYSTEM_SOCKET = Path("/var/run/docker.sock")
+# Where ./setup.sh (python -m uvmkit.services engine) runs its own dockerd.
+PRIVATE_SOCKET = Path("/run/uvmkit/docker.sock")
+
+EXPORT_CHUNK = 1024 * 1024
+# An image without CMD or ENTRYPOINT cannot be created as a container; the container is
+# never started, so this command only has to exist on paper.
+DUMMY_COMMAND = ["/uvmkit-none"]
+# Marks the containers we create, so a leftover from a killed process can be recognised.
+EXPORT_LABEL = "org.uvmkit.export"
+
+CONNECT_HINT = "run ./setup.sh, or set DOCKER_HOST"
+NOT_FOUND_HINT = "docker import a tarball under that name, or ./setup.sh seeds the default base"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What uvmkit records about a base image: enough for a manifest and a cache key."""
+
+    ref: str
+    id: str
+    repo_digests: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    # The image's Comment; `docker import --message` puts it there.
+    comment: str = ""
+    created: str = ""
+    size: int = 0
+
+
+def candidate_urls() -> list[str]:
+    """The engine addresses to try, in order; DOCKER_HOST, when set, is the only one."""
+    host = os.environ.get("DOCKER_HOST", "")
+    if host:
+        return [host]
+    return [f"unix://{SYSTEM_SOCKET}", f"unix://{PRIVATE_SOCKET}"]
+
+
+def connect(*, timeout: int = 120) -> docker.DockerClient:
+    """A client for the first engine that answers; EngineError when none does.
+
+    The API version is negotiated because the engine (Debian's 20.10 speaks 1.41) can be
+    older than the SDK's default.
+    """
+    tried: list[str] = []
+    for url in candidate_urls():
+        if url.startswith("unix://") and not Path(url.removeprefix("unix://")).exists():
+            tried.append(url)
+            continue
+        try:
+            if os.environ.get("DOCKER_HOST"):
+                # from_env also honours DOCKER_TLS_VERIFY and DOCKER_CERT_PATH.
+                client = docker.from_env(version="auto", timeout=timeout)
+            else:
+                client = docker.DockerClient(base_url=url, version="auto", timeout=timeout)
+            client.ping()
+        except (DockerException, requests.RequestException) as exc:
+            log.debug("no engine at %s: %s", url, exc)
+            tried.append(url)
+            continue
+        log.debug("docker engine at %s (API %s)", url, client.api.api_version)
+        return client
+    raise EngineError(f"cannot reach a Docker engine at {' or '.join(tried)}", hint=CONNECT_HINT)
+
+
+def engine_url(client: docker.DockerClient) -> str:
+    """The address a client talks to, for messages ("http+docker://..." shown as unix://)."""
+    url = str(client.api.base_url)
+    if url.startswith("http+docker://"):
+        # The SDK hides the socket path behind a fake host name; the adapter still knows it.
+        adapter = client.api.get_adapter(url)
+        socket_path = getattr(adapter, "socket_path", None)
+        if socket_path:
+            return f"unix://{socket_path}"
+    return url
+
+
+def resolve_image(
+    ref: str, *, pull: bool = True, client: docker.DockerClient | None = None
+) -> ImageInfo:
+    """The engine's image for ref: the local one when present, else pulled (when allowed)."""
+    client = client or connect()
+    try:
+        return _info(ref, client.images.get(ref))
+    except ImageNotFound:
+        if not pull:
+            raise EngineError(f"image {ref} is not in the engine", hint=NOT_FOUND_HINT) from None
+    except (APIError, requests.RequestException) as exc:
+        raise EngineError(
+            f"cannot look up image {ref}: {_reason(exc)}", hint=CONNECT_HINT
+        ) from None
+
+    _pull(ref, client)
+    try:
+        return _info(ref, client.images.get(ref))
+    except (APIError, requests.RequestException) as exc:
+        raise EngineError(f"image {ref} was pulled but cannot be read: {_reason(exc)}") from None
+
+
+def _info(ref: str, image: Image) -> ImageInfo:
+    attrs: dict[str, Any] = image.attrs
+    config = attrs.get("Config") or {}
+    return ImageInfo(
+        ref=ref,
+        id=str(attrs["Id"]),
+        repo_digests=tuple(attrs.get("RepoDigests") or ()),
+        labels=dict(config.get("Labels") or {}),
+        comment=str(attrs.get("Comment") or ""),
+        created=str(attrs.get("Created") or ""),
+        size=int(attrs.get("Size") or 0),
+    )
+
+
+def _pull(ref: str, client: docker.DockerClient) -> None:
+    """Pull ref, one progress bar per layer on a terminal, plain log lines otherwise."""
+    repository, tag = parse_repository_tag(ref)
+    log.info("pulling %s", ref)
+    start = time.monotonic()
+    bars: dict[str, Any] = {}
+    try:
+        events = client.api.pull(repository, tag=tag or "latest", stream=True, decode=True)
+        for event in events:
+            if "error" in event:
+                raise EngineError(f"cannot pull image {ref}: {event['error']}", hint=NOT_FOUND_HINT)
+            _show_pull_event(event, bars)
+    except (APIError, requests.RequestException) as exc:
+        raise EngineError(f"cannot pull image {ref}: {_reason(exc)}", hint=NOT_FOUND_HINT) from None
+    finally:
+        for bar in bars.values():
+            bar.close()
+    log.info("pulled %s in %.1f s", ref, time.monotonic() - start)
+
+
+def _show_pull_event(event: dict[str, Any], bars: dict[str, Any]) -> None:
+    layer = event.get("id")
+    status = str(event.get("status", ""))
+    detail = event.get("progressDetail") or {}
+    if not layer or status.startswith(("Pulling from", "Digest:", "Status:")):
+        log.debug("%s", status)
+        return
+    if status in ("Downloading", "Extracting") and detail.get("total"):
+        bar = bars.get(layer)
+        if bar is None:
+            bar = bars[layer] = progress(total=int(detail["total"]), desc=layer)
+        if bar.total != detail["total"]:
+            bar.reset(total=int(detail["total"]))
+        bar.set_description(f"{layer} {status.lower()}", refresh=False)
+        bar.update(int(detail.get("current", 0)) - bar.n)
+    elif status in ("Pull complete", "Already exists"):
+        log.debug("layer %s: %s", layer, status.lower())
+
+
+@contextlib.contextmanager
+def export_image(
+    info: ImageInfo, *, client: docker.DockerClient | None = None
+) -> Iterator[Iterator[bytes]]:
+    """Yield the image's root filesystem as a tar stream (`docker export` of a new container).
+
+    The container is created, never started, and removed however the caller leaves the
+    block: normally, by an exception, or by Ctrl-C in the middle of the stream.
+    """
+    client = client or connect()
+    try:
+        container = client.containers.create(
+            info.id, command=DUMMY_COMMAND, network_disabled=True, labels={EXPORT_LABEL: "1"}
+        )
+    except (APIError, requests.RequestException) as exc:
+        raise EngineError(
+            f"cannot create a container from image {info.ref}: {_reason(exc)}"
+        ) from None
+    container_id = str(container.id)
+    log.debug("exporting %s through container %s", info.ref, container_id[:12])
+
+    response: requests.Response | None = None
+    try:
+        # A plain GET rather than container.export(): the SDK's generator never closes its
+        # response, and an early stop must hang up before the container is removed.
+        api = client.api
+        url = f"{api.base_url}/v{api.api_version}/containers/{container_id}/export"
+        try:
+            response = api.get(url, stream=True, timeout=(30, None))
+            response.raise_for_status()
+        except requests.RequestException as exc:
+            raise EngineError(f"cannot export image {info.ref}: {_reason(exc)}") from None
+        yield _chunks(info, response)
+    finally:
+        if response is not None:
+            response.close()
+        _remove(client, container_id, info)
+
+
+def _chunks(info: ImageInfo, response: requests.Response) -> Iterator[bytes]:
+    total = 0
+    try:
+        for chunk in response.iter_content(EXPORT_CHUNK):
+            total += len(chunk)
+            yield chunk
+    except requests.RequestException as exc:
+        raise EngineError(
+            f"the export of image {info.ref} broke off after {human_size(total)}: {_reason(exc)}",
+            hint="check that the Docker engine is still running, then build again",
+        ) from None
+    log.debug("exported %s: %s", info.ref, human_size(total))
+
+
+def _remove(client: docker.DockerClient, container_id: str, info: ImageInfo) -> None:
+    try:
+        client.api.remove_container(container_id, force=True)
+    except NotFound:
+        pass
+    except (APIError, requests.RequestException) as exc:
+        # Not fatal for the build; the label lets `docker ps -a` users find it.
+        log.warning(
+            "could not remove container %s made from %s: %s",
+            container_id[:12],
+            info.ref,
+            _reason(exc),
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    """One line out of an SDK or HTTP exception."""
+    if isinstance(exc, APIError) and exc.explanation:
+        return str(exc.explanation).strip().splitlines()[0]
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
