@@ -12,10 +12,14 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from invoke import Context, Exit, task
 
+from uvmkit import build
+from uvmkit.build import clean_outputs
+from uvmkit.config import DEFAULT_IMAGE, make_build_config, parse_level
 from uvmkit.errors import UvmkitError
 from uvmkit.log import debug_enabled, log, setup_logging
 
@@ -54,6 +58,113 @@ def friendly(func: F) -> F:
             raise Exit(code=70) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+BUILD_HELP = {
+    "image": "image recipe under images/ (default: default)",
+    "base": "base image reference or archive path; overrides the recipe's base",
+    "out": "directory to write the artifacts into (default: out/)",
+    "compression": "initrd.img compression: gzip (default), zstd or none",
+    "level": "compression level (gzip 0-3, default 3; zstd 1-19, default 3)",
+    "platform": "platform to pick from a multi-platform OCI index (default linux/amd64)",
+    "no_cache": "ignore the build cache and build everything again",
+}
+
+
+def _build(
+    targets: frozenset[build.Artifact],
+    *,
+    image: str,
+    base: str,
+    out: str,
+    compression: str,
+    level: str,
+    platform: str,
+    no_cache: bool,
+) -> None:
+    config = make_build_config(
+        image=image,
+        base=base,
+        out=out,
+        compression=compression,
+        level=parse_level(level),
+        platform=platform,
+        no_cache=no_cache,
+    )
+    build.build(config, targets)
+
+
+def _build_task(name: str, targets: frozenset[build.Artifact], doc: str) -> Any:
+    """A build task for `targets`; every build task takes the same options."""
+
+    def body(
+        c: Context,
+        image: str = DEFAULT_IMAGE,
+        base: str = "",
+        out: str = "out",
+        compression: str = "gzip",
+        level: str = "",
+        platform: str = "",
+        no_cache: bool = False,
+    ) -> None:
+        _build(
+            targets,
+            image=image,
+            base=base,
+            out=out,
+            compression=compression,
+            level=level,
+            platform=platform,
+            no_cache=no_cache,
+        )
+
+    body.__doc__ = doc
+    body.__name__ = body.__qualname__ = name
+    return task(help=BUILD_HELP)(friendly(body))
+
+
+build_all = _build_task(
+    "build_all",
+    build.ALL_ARTIFACTS,
+    "Build initrd.img, rootfs.tar.gz, delta.tar.gz, manifest.json and SHA256SUMS.",
+)
+base = _build_task(
+    "base",
+    frozenset({build.Artifact.BASE}),
+    "Write the flattened base root filesystem alone as base.tar.",
+)
+agent = _build_task(
+    "agent",
+    frozenset({build.Artifact.AGENT}),
+    "Compile the guest's /init and agent into OUT/init and OUT/uvmkit-agent.",
+)
+delta = _build_task(
+    "delta",
+    frozenset({build.Artifact.DELTA}),
+    "Write delta.tar.gz: the guest layer (/init, the agent, /info) alone.",
+)
+initrd = _build_task(
+    "initrd",
+    frozenset({build.Artifact.INITRD}),
+    "Write initrd.img: base plus guest layer as a compressed newc cpio.",
+)
+rootfs = _build_task(
+    "rootfs",
+    frozenset({build.Artifact.ROOTFS}),
+    "Write rootfs.tar.gz: base plus guest layer as a PAX tar.",
+)
+
+
+@task(
+    help={
+        "out": "directory to clean (default: out/)",
+        "cache": "also empty the build cache ($XDG_CACHE_HOME/uvmkit)",
+    }
+)
+@friendly
+def clean(c: Context, out: str = "out", cache: bool = False) -> None:
+    """Remove what builds wrote into OUT; with --cache, empty the build cache too."""
+    clean_outputs(Path(out), cache=cache)
 
 
 @task(

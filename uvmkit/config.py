@@ -58,28 +58,43 @@ class BuildConfig:
     base: str
     out_dir: Path
     source_date_epoch: int
-    initrd_compression: Compression = Compression.GZIP
-    rootfs_compression: Compression = Compression.GZIP
+    # initrd.img's compression; rootfs.tar.gz and delta.tar.gz are always gzip.
+    compression: Compression = Compression.GZIP
+    # None: the default of each compressor. Otherwise the level of initrd.img, and of the
+    # gzip artifacts too when initrd.img is gzip.
     level: int | None = None
     platform: str = "linux/amd64"
     use_cache: bool = True
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
 
-    def level_for(self, compression: Compression) -> int:
-        """The compression level for an artifact compressed with `compression`."""
-        if self.level is None:
-            return DEFAULT_LEVEL[compression]
-        low, high = LEVEL_RANGE[compression]
-        return max(low, min(high, self.level))
+    def __post_init__(self) -> None:
+        if self.level is not None:
+            low, high = LEVEL_RANGE[self.compression]
+            if not low <= self.level <= high:
+                raise BadInputError(
+                    f"--level {self.level} is out of range for {self.compression}",
+                    hint=f"{self.compression} takes levels {low} to {high}",
+                )
+
+    @property
+    def initrd_level(self) -> int:
+        """The level initrd.img is compressed at."""
+        return DEFAULT_LEVEL[self.compression] if self.level is None else self.level
+
+    @property
+    def gzip_level(self) -> int:
+        """The level of rootfs.tar.gz and delta.tar.gz."""
+        if self.compression is Compression.GZIP:
+            return self.initrd_level
+        return DEFAULT_LEVEL[Compression.GZIP]
 
     def options(self) -> dict[str, object]:
         """The options that change the output, as recorded in the manifest and cache keys."""
         return {
             "image": self.recipe.name,
-            "initrd_compression": str(self.initrd_compression),
-            "initrd_level": self.level_for(self.initrd_compression),
-            "rootfs_compression": str(self.rootfs_compression),
-            "rootfs_level": self.level_for(self.rootfs_compression),
+            "initrd_compression": str(self.compression),
+            "initrd_level": self.initrd_level,
+            "gzip_level": self.gzip_level,
             "platform": self.platform,
             "init": str(self.recipe.init),
         }
@@ -154,3 +169,44 @@ def default_source_date_epoch() -> int:
         return int(out)
     except (OSError, subprocess.CalledProcessError, ValueError):
         return 0
+
+
+def make_build_config(
+    *,
+    image: str = DEFAULT_IMAGE,
+    base: str = "",
+    out: str = "out",
+    compression: str = "gzip",
+    level: int | None = None,
+    platform: str = "",
+    no_cache: bool = False,
+) -> BuildConfig:
+    """A BuildConfig from command-line options; bad values are errors naming the option."""
+    recipe = load_recipe(image)
+    try:
+        chosen = Compression(compression)
+    except ValueError:
+        raise BadInputError(
+            f"--compression {compression!r} is not known",
+            hint=f"use one of: {', '.join(c.value for c in Compression)}",
+        ) from None
+    return BuildConfig(
+        recipe=recipe,
+        base=base or recipe.base,
+        out_dir=Path(out),
+        source_date_epoch=default_source_date_epoch(),
+        compression=chosen,
+        level=level,
+        platform=platform or recipe.platform,
+        use_cache=not no_cache,
+    )
+
+
+def parse_level(text: str) -> int | None:
+    """--level's value: empty for the compressor's default, else a whole number."""
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise BadInputError(f"--level {text!r} is not a whole number") from None

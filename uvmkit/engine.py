@@ -21,6 +21,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.images import Image
 from docker.utils import parse_repository_tag
 
+from .archive import Entry, Kind
 from .errors import EngineError
 from .log import human_size, log, progress
 
@@ -37,6 +38,29 @@ EXPORT_LABEL = "org.uvmkit.export"
 
 CONNECT_HINT = "run ./setup.sh, or set DOCKER_HOST"
 NOT_FOUND_HINT = "docker import a tarball under that name, or ./setup.sh seeds the default base"
+
+
+# What the engine's "init layer" puts into every container, and so into every export,
+# over whatever the image has there: empty 0755 files, and a symlink for /etc/mtab.
+_PLACEHOLDER_FILES = frozenset(
+    {b".dockerenv", b"etc/hostname", b"etc/hosts", b"etc/resolv.conf", b"dev/console"}
+)
+_PLACEHOLDER_LINKS = {b"etc/mtab": b"/proc/mounts"}
+
+
+def is_export_placeholder(entry: Entry) -> bool:
+    """True for a file the engine made for the container rather than one the image holds.
+
+    The image's own copies of those paths are hidden by the placeholders, so an export
+    cannot give them back; dropping the placeholders at least keeps empty, executable
+    /etc/hosts files out of the image. (A `docker save` archive as --base keeps them.)
+    """
+    name = entry.name.strip(b"/").removeprefix(b"./")
+    if name in _PLACEHOLDER_FILES:
+        return entry.kind is Kind.FILE and entry.size == 0 and entry.mode == 0o755
+    if name in _PLACEHOLDER_LINKS:
+        return entry.kind is Kind.SYMLINK and entry.linkname == _PLACEHOLDER_LINKS[name]
+    return False
 
 
 @dataclass(frozen=True)

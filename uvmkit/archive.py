@@ -1,0 +1,436 @@
+"""Read root filesystem archives: tar (ustar, GNU, PAX) and cpio (newc, odc), entry by entry.
+
+The readers work on a seekable file and never load file contents: each entry records
+where its data starts, and the writers copy it from there with `os.pread`. Names, link
+targets and xattr values stay bytes from input to output.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import os
+import stat
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from .errors import BadInputError, show_name
+
+BLOCK = 512
+
+
+class Kind(enum.Enum):
+    """What an archive entry is."""
+
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    HARDLINK = "hardlink"
+    CHAR = "char"
+    BLOCK = "block"
+    FIFO = "fifo"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One archive member, with its data located in the archive rather than loaded."""
+
+    name: bytes
+    kind: Kind
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    size: int = 0
+    # Where the data starts in the archive file (regular files only).
+    offset: int = 0
+    # Symlink target, or the name a hard link points at.
+    linkname: bytes = b""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+
+_TAR_KINDS = {
+    b"0": Kind.FILE,
+    b"\0": Kind.FILE,
+    b"7": Kind.FILE,  # contiguous file: an ordinary file everywhere but on old Masscomp
+    b"1": Kind.HARDLINK,
+    b"2": Kind.SYMLINK,
+    b"3": Kind.CHAR,
+    b"4": Kind.BLOCK,
+    b"5": Kind.DIR,
+    b"6": Kind.FIFO,
+}
+
+# Type flags that cannot be turned into a tree faithfully; refused with their meaning.
+_TAR_UNSUPPORTED = {
+    b"S": "a GNU sparse file",
+    b"M": "a GNU multi-volume continuation",
+    b"N": "an old GNU long-name record",
+}
+
+
+def _number(field_bytes: bytes, what: str, archive: str, name: bytes) -> int:
+    """A numeric header field: octal text, or GNU base-256 when the top bit is set."""
+    if field_bytes and field_bytes[0] & 0x80:
+        value = int.from_bytes(field_bytes[1:], "big")
+        if field_bytes[0] & 0x40:  # negative base-256 (only ever seen in mtimes)
+            value -= 1 << (8 * (len(field_bytes) - 1))
+        return value
+    text = field_bytes.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise BadInputError(
+            f"{archive}: entry {show_name(name) or '?'} has a bad {what} field {text!r}",
+            hint="the archive is damaged or not a tar",
+        ) from None
+
+
+def _cstring(field_bytes: bytes) -> bytes:
+    return field_bytes.split(b"\0", 1)[0]
+
+
+def header_checksum_ok(block: bytes) -> bool:
+    """True when a 512-byte block is a tar header whose checksum matches."""
+    try:
+        stored = int(_cstring(block[148:156]).strip(b" ") or b"-1", 8)
+    except ValueError:
+        return False
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    # Some old writers summed signed chars; accept either, as GNU tar does.
+    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b >= 128)
+    return stored in (unsigned, signed)
+
+
+def _parse_pax(data: bytes, archive: str, near: bytes) -> dict[bytes, bytes]:
+    """PAX records: "LEN KEY=VALUE\\n", where LEN counts the whole record in bytes."""
+    records: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:  # padding some writers leave at the end
+            break
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            length = 0
+        end = pos + length
+        if space < 0 or length <= 0 or end > len(data) or data[end - 1 : end] != b"\n":
+            raise BadInputError(
+                f"{archive}: bad PAX header near entry {show_name(near) or '(start)'}",
+                hint="the archive is damaged",
+            )
+        key, sep, value = data[space + 1 : end - 1].partition(b"=")
+        if not sep:
+            raise BadInputError(f"{archive}: PAX record without '=' near {show_name(near)}")
+        records[key] = value
+        pos = end
+    return records
+
+
+def _apply_pax(entry: Entry, records: dict[bytes, bytes], archive: str) -> None:
+    for key, value in records.items():
+        if key == b"path":
+            entry.name = value
+        elif key == b"linkpath":
+            entry.linkname = value
+        elif key in (b"size", b"uid", b"gid"):
+            try:
+                setattr(entry, key.decode(), int(value))
+            except ValueError:
+                raise BadInputError(
+                    f"{archive}: entry {show_name(entry.name)} has a bad PAX {key.decode()}"
+                ) from None
+        elif key == b"mtime":
+            try:
+                entry.mtime = int(float(value))
+            except ValueError:
+                raise BadInputError(
+                    f"{archive}: entry {show_name(entry.name)} has a bad PAX mtime"
+                ) from None
+        elif key.startswith(b"SCHILY.xattr."):
+            entry.xattrs[key[len(b"SCHILY.xattr.") :]] = value
+        elif key.startswith(b"LIBARCHIVE.xattr."):
+            # libarchive's own spelling: URL-encoded name, base64 value.
+            name = urllib.parse.unquote_to_bytes(key[len(b"LIBARCHIVE.xattr.") :])
+            entry.xattrs.setdefault(name, base64.b64decode(value + b"=" * (-len(value) % 4)))
+        elif key.startswith(b"GNU.sparse."):
+            raise BadInputError(
+                f"{archive}: entry {show_name(entry.name)} is a sparse file, which uvmkit does "
+                "not read",
+                hint="repack the archive without --sparse",
+            )
+
+
+def read_tar(
+    f: BinaryIO, archive: str, *, start: int = 0, end: int | None = None
+) -> Iterator[Entry]:
+    """Yield the entries of a tar file; `archive` names it in errors.
+
+    `f` must be seekable: data is skipped, not read, and each entry's `offset` (from the
+    start of `f`) says where its bytes are. `start` and `end` select a tar stored inside
+    a larger file, such as a layer in an uncompressed `docker save` archive.
+    """
+    if end is None:
+        end = f.seek(0, os.SEEK_END)
+    f.seek(start)
+    pending_pax: dict[bytes, bytes] = {}
+    global_pax: dict[bytes, bytes] = {}
+    long_name: bytes | None = None
+    long_link: bytes | None = None
+    last_name = b""
+    while True:
+        here = f.tell()
+        block = f.read(min(BLOCK, max(0, end - here)))
+        if not block and last_name:
+            return  # no end-of-archive marker, which some writers leave out
+        if len(block) < BLOCK:
+            if not block:
+                raise BadInputError(f"{archive}: empty archive", hint="is it the right file?")
+            raise BadInputError(
+                f"{archive}: ends in the middle of a tar header after entry "
+                f"{show_name(last_name) or '(none)'}",
+                hint="the file is truncated; make or download it again",
+            )
+        if block == bytes(BLOCK):
+            return  # end-of-archive marker; whatever follows is padding
+        if not header_checksum_ok(block):
+            raise BadInputError(
+                f"{archive}: bad tar header checksum after entry "
+                f"{show_name(last_name) or '(none)'}",
+                hint="the archive is damaged or not a tar",
+            )
+        flag = block[156:157]
+        name = _cstring(block[0:100])
+        if block[257:262] == b"ustar":
+            prefix = _cstring(block[345:500])
+            if prefix and block[257:263] == b"ustar\0":  # POSIX; GNU puts times there
+                name = prefix + b"/" + name
+        size = _number(block[124:136], "size", archive, name)
+        data_offset = f.tell()
+
+        if flag in (b"x", b"g", b"L", b"K"):
+            data = f.read(size + (-size % BLOCK))[:size]
+            if len(data) < size:
+                raise BadInputError(f"{archive}: truncated inside a header after {last_name!r}")
+            if flag == b"x":
+                pending_pax.update(_parse_pax(data, archive, last_name))
+            elif flag == b"g":
+                global_pax.update(_parse_pax(data, archive, last_name))
+            elif flag == b"L":
+                long_name = data.rstrip(b"\0")
+            else:
+                long_link = data.rstrip(b"\0")
+            continue
+        if flag in _TAR_UNSUPPORTED:
+            raise BadInputError(
+                f"{archive}: entry {show_name(name)} is {_TAR_UNSUPPORTED[flag]}, which uvmkit "
+                "does not read",
+                hint="repack the archive with plain GNU or POSIX tar",
+            )
+        if flag == b"V":  # a volume label is not part of the tree
+            f.seek(size + (-size % BLOCK), os.SEEK_CUR)
+            continue
+
+        kind = _TAR_KINDS.get(flag)
+        if kind is None:
+            raise BadInputError(
+                f"{archive}: entry {show_name(name)} has unknown tar type {flag!r}",
+                hint="repack the archive with plain GNU or POSIX tar",
+            )
+        entry = Entry(
+            name=name,
+            kind=kind,
+            mode=_number(block[100:108], "mode", archive, name) & 0o7777,
+            uid=_number(block[108:116], "uid", archive, name),
+            gid=_number(block[116:124], "gid", archive, name),
+            mtime=_number(block[136:148], "mtime", archive, name),
+            size=size,
+            offset=data_offset,
+            linkname=_cstring(block[157:257]),
+            devmajor=_number(block[329:337], "devmajor", archive, name),
+            devminor=_number(block[337:345], "devminor", archive, name),
+        )
+        if long_name is not None:
+            entry.name, long_name = long_name, None
+        if long_link is not None:
+            entry.linkname, long_link = long_link, None
+        if global_pax:
+            _apply_pax(entry, global_pax, archive)
+        if pending_pax:
+            _apply_pax(entry, pending_pax, archive)
+            pending_pax = {}
+        # Old (V7) archives mark directories only by the trailing slash.
+        if kind is Kind.FILE and flag == b"\0" and entry.name.endswith(b"/"):
+            entry.kind = Kind.DIR
+        # The size field says what follows the header, whatever the type; only a regular
+        # file's bytes are part of the tree.
+        padded = entry.size + (-entry.size % BLOCK)
+        if entry.kind is not Kind.FILE:
+            entry.size = 0
+        if data_offset + entry.size > end:
+            raise BadInputError(
+                f"{archive}: entry {show_name(entry.name)} is cut short: the archive ends "
+                "inside its data",
+                hint="the file is truncated; make or download it again",
+            )
+        last_name = entry.name
+        yield entry
+        f.seek(data_offset + padded)
+
+
+# --- cpio -------------------------------------------------------------------------------
+
+_NEWC_FIELDS = 13
+_CPIO_TRAILER = b"TRAILER!!!"
+
+
+@dataclass(slots=True)
+class _CpioHeader:
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    mtime: int
+    size: int
+    dev: tuple[int, int]
+    rdev: tuple[int, int]
+    name: bytes
+    offset: int
+
+
+def _read_cpio_headers(f: BinaryIO, archive: str) -> Iterator[_CpioHeader]:
+    last = b""
+    while True:
+        start = f.tell()
+        magic = f.read(6)
+        if magic in (b"070701", b"070702"):
+            raw = f.read(8 * _NEWC_FIELDS)
+            try:
+                values = [int(raw[i : i + 8], 16) for i in range(0, 8 * _NEWC_FIELDS, 8)]
+            except ValueError:
+                values = []
+            if len(values) != _NEWC_FIELDS:
+                raise BadInputError(f"{archive}: bad cpio header after {show_name(last)}")
+            ino, mode, uid, gid, nlink, mtime, size, dmaj, dmin, rmaj, rmin, namesize, _ = values
+            name = f.read(namesize)
+            f.seek((-(110 + namesize)) % 4, os.SEEK_CUR)
+            offset = f.tell()
+            skip = size + (-size % 4)
+            dev, rdev = (dmaj, dmin), (rmaj, rmin)
+        elif magic == b"070707":
+            raw = f.read(70)
+            try:
+                fields = [int(raw[a:b], 8) for a, b in _ODC_SLICES]
+            except ValueError:
+                raise BadInputError(f"{archive}: bad cpio header after {show_name(last)}") from None
+            devnum, ino, mode, uid, gid, nlink, rdevnum, mtime, namesize, size = fields
+            name = f.read(namesize)
+            offset = f.tell()
+            skip = size
+            dev = (os.major(devnum), os.minor(devnum))
+            rdev = (os.major(rdevnum), os.minor(rdevnum))
+        elif not magic:
+            raise BadInputError(f"{archive}: cpio archive ends without a trailer")
+        else:
+            raise BadInputError(
+                f"{archive}: not a newc or odc cpio record at byte {start}",
+                hint="the archive is damaged, or is another cpio variant",
+            )
+        name = name.rstrip(b"\0")
+        if len(name) == 0 or f.tell() != offset:
+            raise BadInputError(f"{archive}: truncated cpio header after {show_name(last)}")
+        if name == _CPIO_TRAILER:
+            # Another archive may follow (initramfs images are often several concatenated),
+            # after NUL padding.
+            if not _skip_nul_padding(f):
+                return
+            continue
+        yield _CpioHeader(ino, mode, uid, gid, nlink, mtime, size, dev, rdev, name, offset)
+        last = name
+        f.seek(offset + skip)
+
+
+def _skip_nul_padding(f: BinaryIO) -> bool:
+    """Move past NUL bytes; False at end of file, True at the first other byte."""
+    while True:
+        here = f.tell()
+        chunk = f.read(BLOCK)
+        if not chunk:
+            return False
+        stripped = chunk.lstrip(b"\0")
+        if stripped:
+            f.seek(here + len(chunk) - len(stripped))
+            return True
+
+
+_ODC_SLICES = [(0, 6), (6, 12), (12, 18), (18, 24), (24, 30), (30, 36), (36, 42), (42, 53),
+               (53, 59), (59, 70)]  # fmt: skip
+
+
+def read_cpio(f: BinaryIO, archive: str) -> Iterator[Entry]:
+    """Yield the entries of a newc or odc cpio file as tar-like entries.
+
+    cpio marks hard links by a shared inode number and keeps the data on one of them
+    (usually the last); they come out as a file followed by hard links to it, as tar has.
+    """
+    headers = list(_read_cpio_headers(f, archive))
+    end = f.seek(0, os.SEEK_END)
+    data_of: dict[tuple[tuple[int, int], int], _CpioHeader] = {}
+    for h in headers:
+        if h.offset + h.size > end:
+            raise BadInputError(f"{archive}: entry {show_name(h.name)} is cut short")
+        if stat.S_ISREG(h.mode) and h.nlink > 1 and h.size > 0:
+            data_of[(h.dev, h.ino)] = h
+    first_name: dict[tuple[tuple[int, int], int], bytes] = {}
+    for h in headers:
+        kind = _cpio_kind(h.mode, h.name, archive)
+        entry = Entry(
+            name=h.name,
+            kind=kind,
+            mode=h.mode & 0o7777,
+            uid=h.uid,
+            gid=h.gid,
+            mtime=h.mtime,
+            devmajor=h.rdev[0],
+            devminor=h.rdev[1],
+        )
+        if kind is Kind.SYMLINK:
+            f.seek(h.offset)
+            entry.linkname = f.read(h.size)
+        elif kind is Kind.FILE:
+            entry.size, entry.offset = h.size, h.offset
+            if h.nlink > 1:
+                key = (h.dev, h.ino)
+                if key in first_name:
+                    entry.kind, entry.linkname, entry.size = Kind.HARDLINK, first_name[key], 0
+                else:
+                    first_name[key] = h.name
+                    holder = data_of.get(key, h)
+                    entry.size, entry.offset = holder.size, holder.offset
+        yield entry
+
+
+def _cpio_kind(mode: int, name: bytes, archive: str) -> Kind:
+    fmt = stat.S_IFMT(mode)
+    kinds = {
+        stat.S_IFREG: Kind.FILE,
+        stat.S_IFDIR: Kind.DIR,
+        stat.S_IFLNK: Kind.SYMLINK,
+        stat.S_IFCHR: Kind.CHAR,
+        stat.S_IFBLK: Kind.BLOCK,
+        stat.S_IFIFO: Kind.FIFO,
+    }
+    if fmt in kinds:
+        return kinds[fmt]
+    raise BadInputError(
+        f"{archive}: entry {show_name(name)} has file type 0o{fmt:o}, which an image cannot hold",
+        hint="remove sockets and other special files from the archive",
+    )

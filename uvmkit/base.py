@@ -1,0 +1,273 @@
+"""Where a build's base root filesystem comes from: a Docker image, or a file, as layers.
+
+`--base` is either a path on disk or a Docker image reference. A path is recognised from
+its content, never its name: a tar or cpio root filesystem, gzip- or zstd-compressed or
+not, or an image archive (`docker save` output, an OCI image layout). Whatever the
+input, the result is a list of uncompressed layer archives on disk, lowest first, that
+the tree applies in order; compressed inputs and engine exports are spooled into the
+cache once and reused.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zstandard
+from isal import igzip
+
+from . import engine
+from .archive import header_checksum_ok
+from .cache import Cache, sha256_file
+from .errors import BadInputError
+from .log import progress, step
+
+SPOOL_CHUNK = 1 << 20
+
+
+class LayerFormat(enum.StrEnum):
+    TAR = "tar"
+    CPIO = "cpio"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """An uncompressed archive on disk (or a byte range of one) holding one layer."""
+
+    path: Path
+    format: LayerFormat
+    # Messages name the layer by this: the file, or the file and the layer's digest.
+    name: str
+    start: int = 0
+    end: int | None = None
+    # A `docker export`: drop the files the engine adds to every container.
+    from_export: bool = False
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """A resolved base: what it is, what identifies its content, and its layers."""
+
+    ref: str
+    kind: str
+    # Content identity: an engine image ID, or sha256 of the input file or image config.
+    id: str
+    layers: tuple[Layer, ...]
+    digests: tuple[str, ...] = ()
+    # Where the base really came from, when it says (the seeding label, an image comment).
+    origin: str = ""
+    details: dict[str, str] = field(default_factory=dict)
+
+
+class Sniffed(enum.StrEnum):
+    GZIP = "gzip"
+    ZSTD = "zstd"
+    TAR = "tar"
+    CPIO = "cpio"
+    BZIP2 = "bzip2"
+    XZ = "xz"
+    UNKNOWN = "unknown"
+
+
+def sniff(head: bytes) -> Sniffed:
+    """What the first bytes of a file say it is."""
+    if head.startswith(b"\x1f\x8b"):
+        return Sniffed.GZIP
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return Sniffed.ZSTD
+    if head.startswith((b"070701", b"070702", b"070707")):
+        return Sniffed.CPIO
+    if head.startswith(b"BZh"):
+        return Sniffed.BZIP2
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return Sniffed.XZ
+    if len(head) >= 512 and (head[257:262] == b"ustar" or header_checksum_ok(head[:512])):
+        return Sniffed.TAR
+    return Sniffed.UNKNOWN
+
+
+def looks_like_path(ref: str) -> bool:
+    """True when --base names something on disk rather than an image reference."""
+    return os.path.exists(ref) or ref.startswith(("/", "./", "../", "~"))
+
+
+@dataclass(frozen=True)
+class BaseId:
+    """A base named and identified, before any of it is read: enough for a cache key."""
+
+    ref: str
+    # sha256 of the content for files (of index.json for an OCI directory), else the
+    # engine's image ID.
+    id: str
+    path: Path | None = None
+    image: engine.ImageInfo | None = None
+
+
+def identify(ref: str) -> BaseId:
+    """Find the base `ref` names (a path, else an engine image, pulled when missing)."""
+    if looks_like_path(ref):
+        path = Path(ref).expanduser()
+        if not path.exists():
+            raise BadInputError(f"base {ref} does not exist", hint="check the --base path")
+        try:
+            if path.is_dir():
+                digest = hashlib.sha256((path / "index.json").read_bytes()).hexdigest()
+            else:
+                digest = sha256_file(path)
+        except OSError as exc:
+            raise BadInputError(
+                f"cannot read base {path}: {exc.strerror}",
+                hint="pass a readable tar, cpio, docker save archive or OCI layout",
+            ) from None
+        return BaseId(ref=ref, id=f"sha256:{digest}", path=path)
+    info = engine.resolve_image(ref)
+    return BaseId(ref=ref, id=info.id, image=info)
+
+
+def materialize(
+    base: BaseId, *, cache: Cache, work_dir: Path, platform: str = "linux/amd64"
+) -> BaseSource:
+    """The base's layers on disk: exported, decompressed or located once, then reused."""
+    if base.image is not None:
+        return from_engine(base.image, cache=cache, work_dir=work_dir)
+    assert base.path is not None
+    return from_file(base.path, base.id, cache=cache, work_dir=work_dir, platform=platform)
+
+
+# --- engine images ------------------------------------------------------------------
+
+
+def from_engine(info: engine.ImageInfo, *, cache: Cache, work_dir: Path) -> BaseSource:
+    """Export an engine image's tree once per image ID; later builds reuse the export."""
+    ref = info.ref
+    origin = info.labels.get("org.uvmkit.origin", "") or info.comment
+    key = info.id.removeprefix("sha256:")
+
+    def make(directory: Path) -> None:
+        with step(f"Exporting {ref}"):
+            _export(info, directory / "rootfs.tar")
+
+    entry = cache.get_or_make("exports", key, f"export of {ref}", make, scratch=work_dir / "export")
+    layer = Layer(
+        entry / "rootfs.tar", LayerFormat.TAR, name=f"export of image {ref}", from_export=True
+    )
+    return BaseSource(
+        ref=ref,
+        kind="docker-image",
+        id=info.id,
+        layers=(layer,),
+        digests=info.repo_digests,
+        origin=origin,
+    )
+
+
+def _export(info: engine.ImageInfo, target: Path) -> None:
+    with (
+        engine.export_image(info) as chunks,
+        target.open("wb") as out,
+        progress(total=info.size or None, desc=f"export {info.ref}") as bar,
+    ):
+        for chunk in chunks:
+            out.write(chunk)
+            bar.update(len(chunk))
+
+
+# --- files --------------------------------------------------------------------------
+
+
+def from_file(
+    path: Path, file_id: str, *, cache: Cache, work_dir: Path, platform: str
+) -> BaseSource:
+    """A root filesystem archive or an image archive on disk."""
+    from . import image_archive  # docker save and OCI layouts
+
+    if path.is_dir():
+        if (path / "oci-layout").is_file():
+            return image_archive.from_oci_dir(
+                path, cache=cache, work_dir=work_dir, platform=platform
+            )
+        raise BadInputError(
+            f"base {path} is a directory without an oci-layout file",
+            hint="pass a tar or cpio of the root filesystem, a docker save archive, or an OCI "
+            "image layout",
+        )
+    try:
+        with path.open("rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        raise BadInputError(f"cannot read base {path}: {exc.strerror}") from None
+    kind = sniff(head)
+    if kind in (Sniffed.BZIP2, Sniffed.XZ, Sniffed.UNKNOWN):
+        raise BadInputError(
+            f"base {path} is not a tar, cpio, gzip or zstd archive"
+            + (f" (it is {kind.value}-compressed)" if kind is not Sniffed.UNKNOWN else ""),
+            hint="give a tar, tar.gz, tar.zst, cpio or cpio.gz, a docker save archive or an "
+            "OCI layout",
+        )
+    digest = file_id.removeprefix("sha256:")
+    if kind in (Sniffed.GZIP, Sniffed.ZSTD):
+        plain, inner = _decompressed(path, kind, digest, cache=cache, work_dir=work_dir)
+    else:
+        plain, inner = path, kind
+
+    if inner is Sniffed.TAR:
+        layout = image_archive.detect(plain)
+        if layout is not None:
+            return image_archive.from_tar(
+                plain, layout, source=path, cache=cache, work_dir=work_dir, platform=platform
+            )
+        fmt = LayerFormat.TAR
+    elif inner is Sniffed.CPIO:
+        fmt = LayerFormat.CPIO
+    else:
+        raise BadInputError(
+            f"base {path}: its {kind.value} stream holds neither a tar nor a cpio archive",
+            hint="compress a tar or cpio of the root filesystem",
+        )
+    return BaseSource(
+        ref=str(path),
+        kind=f"{fmt.value}-archive",
+        id=file_id,
+        layers=(Layer(plain, fmt, name=str(path)),),
+        details={"compression": kind.value if kind in (Sniffed.GZIP, Sniffed.ZSTD) else "none"},
+    )
+
+
+def _decompressed(
+    path: Path, kind: Sniffed, digest: str, *, cache: Cache, work_dir: Path
+) -> tuple[Path, Sniffed]:
+    """Spool a compressed archive's content to disk once; returns it and what it holds."""
+
+    def make(directory: Path) -> None:
+        with step(f"Decompressing {path.name}"):
+            decompress_to(path, kind, directory / "content")
+
+    entry = cache.get_or_make(
+        "decompressed", digest, f"decompressed {path.name}", make, scratch=work_dir / "plain"
+    )
+    content = entry / "content"
+    with content.open("rb") as f:
+        return content, sniff(f.read(512))
+
+
+def decompress_to(path: Path, kind: Sniffed, target: Path) -> None:
+    """Decompress a gzip or zstd file into target; a damaged stream is an error naming it."""
+    try:
+        with path.open("rb") as raw, target.open("wb") as out:
+            if kind is Sniffed.GZIP:
+                with igzip.open(raw, "rb") as stream:  # type: ignore[no-untyped-call]
+                    shutil.copyfileobj(stream, out, SPOOL_CHUNK)
+            else:
+                reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+                shutil.copyfileobj(reader, out, SPOOL_CHUNK)
+    except (OSError, EOFError, zstandard.ZstdError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        raise BadInputError(
+            f"base {path}: its {kind.value} stream is damaged or cut short ({exc})",
+            hint="make or download the file again",
+        ) from None

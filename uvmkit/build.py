@@ -1,0 +1,674 @@
+"""The build pipeline: base and guest layer in, boot files out.
+
+`build` reads as its steps: identify the base, decide the cache key, and, unless an
+identical build is already in `out/` or in the cache, materialize the base, compile the
+guest, merge the tree, check /init, write every artifact in one pass, and publish.
+Artifacts are written in a private directory inside `out/` and renamed into place only
+when all of them are complete, so a failed or interrupted build leaves the previous
+artifacts as they were and no partial file behind.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import datetime
+import enum
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import jinja2
+
+from . import __version__, engine, guest
+from .archive import Entry, Kind, read_cpio, read_tar
+from .base import BaseId, BaseSource, LayerFormat, identify, materialize
+from .cache import Cache, cache_key, sha256_file
+from .compress import CompressedWriter
+from .config import TEMPLATES_DIR, BuildConfig, Compression, InitChoice, default_cache_dir
+from .errors import BadInputError, ToolError, UvmkitError, show_name
+from .inits import check_init
+from .log import human_size, log, progress, step
+from .tree import Inode, Tree
+from .writers import (
+    NewcWriter,
+    Planned,
+    TarWriter,
+    check_newc_limits,
+    plan,
+    write_archives,
+    xattr_losses,
+)
+
+INFO_DIR = b"info"
+AGENT_PATH = b"bin/uvmkit-agent"
+INIT_PATH = b"init"
+
+
+class Artifact(enum.StrEnum):
+    """What a build can write into out/."""
+
+    BASE = "base.tar"
+    AGENT = "agent"
+    DELTA = "delta.tar.gz"
+    INITRD = "initrd.img"
+    ROOTFS = "rootfs.tar.gz"
+
+
+ALL_ARTIFACTS = frozenset({Artifact.DELTA, Artifact.INITRD, Artifact.ROOTFS})
+MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"
+# Private to uvmkit: what out/ held when it was last published, to spot a no-op quickly.
+STAMP = ".uvmkit-stamp"
+AGENT_FILES = ("init", "uvmkit-agent")
+
+
+@dataclass
+class BuildContext:
+    """What the steps of one build share."""
+
+    config: BuildConfig
+    targets: frozenset[Artifact]
+    cache: Cache
+    work: Path
+    base_id: BaseId | None = None
+    base: BaseSource | None = None
+    guest: guest.GuestBuild | None = None
+    tree: Tree | None = None
+    # The guest layer as added to the tree: (resolved path, inode), sorted.
+    delta: list[tuple[bytes, Inode]] = field(default_factory=list)
+    key: str = ""
+    written: list[str] = field(default_factory=list)
+    # sha256 of each artifact, taken as it was written.
+    hashes: dict[str, str] = field(default_factory=dict)
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def manifest_wanted(self) -> bool:
+        return self.targets == ALL_ARTIFACTS
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a build left in out/."""
+
+    out_dir: Path
+    files: tuple[str, ...]
+    reused: str  # "", "out" (already up to date) or "cache"
+
+
+def build(config: BuildConfig, targets: frozenset[Artifact] = ALL_ARTIFACTS) -> BuildResult:
+    """Build `targets` into config.out_dir; build-all is every artifact plus the manifest."""
+    out = prepare_out(config.out_dir)
+    cache = Cache(config.cache_dir, enabled=config.use_cache)
+    work = Path(tempfile.mkdtemp(prefix=".uvmkit-build.", dir=out))
+    ctx = BuildContext(config=config, targets=targets, cache=cache, work=work)
+    try:
+        with _friendly_os_errors(out):
+            return _build(ctx)
+    finally:
+        for fd in ctx.fds:
+            os.close(fd)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _build(ctx: BuildContext) -> BuildResult:
+    identify_base(ctx)
+    needs_guest = ctx.targets != {Artifact.BASE}
+    if needs_guest and not reuse_agent(ctx):
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            # The compiler runs while the engine exports: neither needs the other.
+            exported = pool.submit(materialize_base, ctx)
+            build_agent(ctx)
+            exported.result()
+    ctx.key = build_key(ctx)
+
+    if ctx.manifest_wanted and up_to_date(ctx):
+        log.info("%s is up to date (the same inputs built it)", ctx.config.out_dir)
+        return BuildResult(ctx.config.out_dir, (), reused="out")
+    cached = ctx.cache.lookup("builds", ctx.key, "the artifacts")
+    if cached is not None:
+        names = tuple(p.name for p in sorted(cached.iterdir()) if p.name != "entry.json")
+        for name in names:
+            _copy(cached / name, ctx.work / name)
+        publish(ctx, names)
+        log.info("reused the cached build of these inputs")
+        return BuildResult(ctx.config.out_dir, names, reused="cache")
+
+    if ctx.base is None:
+        materialize_base(ctx)
+    merge_base(ctx)
+    if needs_guest:
+        add_guest_layer(ctx)
+        check_init(ctx.tree, ctx.config.recipe.init)  # type: ignore[arg-type]
+    write_artifacts(ctx)
+    if ctx.manifest_wanted:
+        write_manifest(ctx)
+    store_in_cache(ctx)
+    publish(ctx, tuple(ctx.written))
+    return BuildResult(ctx.config.out_dir, tuple(ctx.written), reused="")
+
+
+# --- steps --------------------------------------------------------------------------
+
+
+def prepare_out(out: Path) -> Path:
+    """Make sure out/ exists and is writable; a clear error when it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(
+            f"cannot create output directory {out}: {exc.strerror}",
+            hint="pass --out DIR with a directory you can write",
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise BadInputError(
+            f"output directory {out} is not writable",
+            hint="pass --out DIR with a directory you can write",
+        )
+    return out
+
+
+def identify_base(ctx: BuildContext) -> None:
+    ctx.base_id = identify(ctx.config.base)
+    log.debug("base %s is %s", ctx.config.base, ctx.base_id.id)
+
+
+def build_key(ctx: BuildContext) -> str:
+    """Everything that changes what the build writes.
+
+    The guest counts by the bytes of its compiled programs, not its sources: a change
+    that compiles to the same programs (a comment, say) changes no artifact.
+    """
+    assert ctx.base_id is not None
+    programs = []
+    if ctx.guest is not None:
+        programs = [
+            sha256_file(ctx.guest.init_path),
+            sha256_file(ctx.guest.agent_path),
+            ctx.guest.version,
+            ctx.guest.branch,
+        ]
+    return cache_key(
+        "uvmkit-build",
+        __version__,
+        _code_hash(),
+        ctx.config.base,
+        ctx.base_id.id,
+        programs,
+        _tree_hash(TEMPLATES_DIR),
+        _tree_hash(ctx.config.recipe.overlay) if ctx.config.recipe.overlay else "",
+        ctx.config.options(),
+        ctx.config.source_date_epoch,
+        sorted(ctx.targets),
+    )
+
+
+def up_to_date(ctx: BuildContext) -> bool:
+    """True when out/ already holds exactly what this build would write.
+
+    The stamp publish() leaves records each file's size, inode and change time, which
+    any write changes; only when the stamp does not match are the files hashed.
+    """
+    out = ctx.config.out_dir
+    try:
+        stamp = json.loads((out / STAMP).read_text())
+        if stamp["build_key"] == ctx.key and stamp["files"] == _fingerprints(out, stamp["files"]):
+            log.debug("out/ matches its stamp: nothing to do")
+            return True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("build_key") != ctx.key:
+            log.debug("out/ was built from other inputs: rebuilding")
+            return False
+        for name, meta in manifest["artifacts"].items():
+            if sha256_file(out / name) != meta["sha256"]:
+                log.debug("%s in out/ changed since it was built: rebuilding", name)
+                return False
+        if (out / SUMS).read_text() != _sums_text(manifest["artifacts"]):
+            return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.debug("no complete earlier build in out/: building")
+        return False
+    _write_stamp(ctx, [*manifest["artifacts"], MANIFEST, SUMS])
+    return True
+
+
+def _fingerprints(out: Path, names: Iterable[str]) -> dict[str, list[int]]:
+    prints = {}
+    for name in names:
+        st = (out / name).stat()
+        prints[name] = [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+    return prints
+
+
+def _write_stamp(ctx: BuildContext, names: Sequence[str]) -> None:
+    out = ctx.config.out_dir
+    stamp = {"build_key": ctx.key, "files": _fingerprints(out, names)}
+    tmp = ctx.work / STAMP
+    tmp.write_text(json.dumps(stamp) + "\n")
+    os.replace(tmp, out / STAMP)
+
+
+def materialize_base(ctx: BuildContext) -> None:
+    assert ctx.base_id is not None
+    ctx.base = materialize(
+        ctx.base_id, cache=ctx.cache, work_dir=ctx.work, platform=ctx.config.platform
+    )
+
+
+def merge_base(ctx: BuildContext) -> None:
+    """Apply the base's layers, lowest first, into a tree."""
+    assert ctx.base is not None
+    tree = Tree(mtime=ctx.config.source_date_epoch)
+    with step(f"Reading the base ({len(ctx.base.layers)} layer(s))"):
+        for layer in ctx.base.layers:
+            with layer.path.open("rb") as f:
+                if layer.format is LayerFormat.CPIO:
+                    entries = read_cpio(f, layer.name)
+                else:
+                    entries = read_tar(f, layer.name, start=layer.start, end=layer.end)
+                if layer.from_export:
+                    entries = (e for e in entries if not engine.is_export_placeholder(e))
+                # File data is read through this fd when the artifacts are written.
+                fd = os.open(layer.path, os.O_RDONLY | os.O_CLOEXEC)
+                ctx.fds.append(fd)
+                tree.apply_layer(entries, fd=fd, archive=layer.name)
+    ctx.tree = tree
+
+
+def reuse_agent(ctx: BuildContext) -> bool:
+    """Take /init and the agent from the cache when these sources built them before."""
+    entry = ctx.cache.lookup("guest", guest.guest_source_hash(), "the guest programs")
+    if entry is not None:
+        _use_guest(ctx, entry)
+    return entry is not None
+
+
+def build_agent(ctx: BuildContext) -> None:
+    """Compile /init and the agent, and keep them in the cache."""
+
+    def make(directory: Path) -> None:
+        built = guest.build_guest(directory, source_date_epoch=ctx.config.source_date_epoch)
+        (directory / "build.json").write_text(
+            json.dumps({"compiler": built.compiler, "source_hash": built.source_hash})
+        )
+
+    source_hash = guest.guest_source_hash()
+    with ctx.cache.store("guest", source_hash) as tmp:
+        directory = tmp or ctx.work / "guest"
+        make(directory)
+    _use_guest(ctx, ctx.cache.root / "guest" / source_hash if tmp else directory)
+
+
+def _use_guest(ctx: BuildContext, entry: Path) -> None:
+    recorded = json.loads((entry / "build.json").read_text())
+    version, branch = guest.guest_version()
+    ctx.guest = guest.GuestBuild(
+        init_path=entry / "init",
+        agent_path=entry / "uvmkit-agent",
+        version=version,
+        branch=branch,
+        compiler=recorded["compiler"],
+        source_hash=recorded["source_hash"],
+    )
+
+
+def add_guest_layer(ctx: BuildContext) -> None:
+    """dev/console, then /init, the agent, /info and the recipe's overlay, on top of the base.
+
+    Names are resolved through the base's symlinks, so a usr-merged base gets the agent
+    at usr/bin, and bin stays a link.
+    """
+    assert ctx.tree is not None and ctx.guest is not None and ctx.base is not None
+    tree, sde = ctx.tree, ctx.config.source_date_epoch
+    base_paths = {path for path, _ in tree.walk()}
+
+    # The kernel opens /dev/console for init's stdio; without the node init has none.
+    # It is a header in the archives, so no mknod (and no root) is needed to make it.
+    console = tree.lookup(b"dev/console")
+    if console is None or console.kind is not Kind.CHAR or console.rdev != (5, 1):
+        _add(tree, b"dev/console", Inode(Kind.CHAR, 0o600, mtime=sde, rdev=(5, 1)))
+
+    layer: list[tuple[bytes, Inode]] = []
+    if ctx.config.recipe.init is InitChoice.UVMKIT:
+        layer.append((INIT_PATH, _file(ctx.guest.init_path.read_bytes(), 0o755, sde)))
+    layer.append((AGENT_PATH, _file(ctx.guest.agent_path.read_bytes(), 0o755, sde)))
+    layer.append((INFO_DIR, Inode(Kind.DIR, 0o755, mtime=sde, children={})))
+    for info_name, data in render_info(ctx).items():
+        layer.append((INFO_DIR + b"/" + info_name.encode(), _file(data, 0o644, sde)))
+    if ctx.config.recipe.overlay is not None:
+        layer.extend(_overlay(ctx.config.recipe.overlay, sde))
+
+    added: dict[bytes, Inode] = {}
+    for path, inode in layer:
+        added[_add(tree, path, inode)] = inode
+    # Parents the base did not have go into delta.tar.gz too, so it unpacks anywhere.
+    for added_path in list(added):
+        parts = added_path.split(b"/")
+        for i in range(1, len(parts)):
+            parent = b"/".join(parts[:i])
+            made = tree.lookup(parent)
+            if parent not in base_paths and parent not in added and made is not None:
+                added[parent] = made
+    ctx.delta = sorted(added.items())
+    log.debug("guest layer: %s", ", ".join(show_name(p) for p, _ in ctx.delta))
+
+
+def _add(tree: Tree, name: bytes, inode: Inode) -> bytes:
+    entry = Entry(name=name, kind=inode.kind, mode=inode.mode, mtime=inode.mtime)
+    return tree.add(entry, inode, archive="the guest layer")
+
+
+def _file(data: bytes, mode: int, mtime: int) -> Inode:
+    return Inode(Kind.FILE, mode, mtime=mtime, size=len(data), data=data)
+
+
+def _overlay(root: Path, mtime: int) -> list[tuple[bytes, Inode]]:
+    """The recipe's overlay directory as guest-layer entries, owned by root."""
+    items: list[tuple[bytes, Inode]] = []
+    top = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, top)
+        for name in sorted(dirnames + filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            st = os.lstat(full)
+            mode = st.st_mode & 0o7777
+            if os.path.islink(full):
+                items.append(
+                    (rel, Inode(Kind.SYMLINK, 0o777, mtime=mtime, target=os.readlink(full)))
+                )
+            elif os.path.isdir(full):
+                items.append((rel, Inode(Kind.DIR, mode, mtime=mtime, children={})))
+            elif os.path.isfile(full):
+                with open(full, "rb") as f:
+                    items.append((rel, _file(f.read(), mode, mtime)))
+            else:
+                raise BadInputError(
+                    f"overlay {root}: {show_name(rel)} is not a file, directory or symlink",
+                    hint="keep only those in an overlay",
+                )
+    return items
+
+
+def render_info(ctx: BuildContext) -> dict[str, bytes]:
+    """The /info files, rendered from templates/info/*.j2."""
+    assert ctx.guest is not None and ctx.base is not None
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    sde = ctx.config.source_date_epoch
+    values = {
+        "uvmkit_version": __version__,
+        "image": ctx.config.recipe.name,
+        "agent": {"version": ctx.guest.version, "branch": ctx.guest.branch},
+        "base": {"ref": ctx.base.ref, "id": ctx.base.id, "origin": ctx.base.origin},
+        "source_date_epoch": sde,
+        "build_date": _iso_date(sde),
+    }
+    rendered = {}
+    for name in sorted(env.list_templates(filter_func=lambda n: n.startswith("info/"))):
+        target = name.removeprefix("info/").removesuffix(".j2")
+        rendered[target] = env.get_template(name).render(values).encode()
+    return rendered
+
+
+def _iso_date(epoch: int) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_artifacts(ctx: BuildContext) -> None:
+    """initrd.img and rootfs.tar.gz in one pass over the tree, then the small ones."""
+    assert ctx.tree is not None
+    config, targets = ctx.config, ctx.targets
+    sde = config.source_date_epoch
+
+    if Artifact.BASE in targets:
+        planned = plan(ctx.tree.sorted_entries(), source_date_epoch=sde)
+        _write_pass(ctx, planned, initrd=False, rootfs=False, base=True)
+    if Artifact.AGENT in targets:
+        assert ctx.guest is not None
+        for path in (ctx.guest.init_path, ctx.guest.agent_path):
+            _copy(path, ctx.work / path.name)
+            os.chmod(ctx.work / path.name, 0o755)
+            ctx.written.append(path.name)
+    want_initrd, want_rootfs = Artifact.INITRD in targets, Artifact.ROOTFS in targets
+    if want_initrd or want_rootfs:
+        planned = plan(ctx.tree.sorted_entries(), source_date_epoch=sde)
+        if want_initrd:
+            check_newc_limits(planned)
+            lost = xattr_losses(planned)
+            if lost:
+                shown = "; ".join(lost[:5]) + (
+                    f"; and {len(lost) - 5} more" if len(lost) > 5 else ""
+                )
+                log.warning(
+                    "newc cpio cannot hold xattrs, so initrd.img lacks them on %d file(s): %s "
+                    "(rootfs.tar.gz keeps them)",
+                    len(lost),
+                    shown,
+                )
+        _write_pass(ctx, planned, initrd=want_initrd, rootfs=want_rootfs, base=False)
+    if Artifact.DELTA in targets:
+        delta = plan(ctx.delta, source_date_epoch=sde)
+        with _artifact(ctx, Artifact.DELTA.value, Compression.GZIP, config.gzip_level) as sink:
+            write_archives(delta, newc=None, tar=TarWriter(sink))
+
+
+def _write_pass(
+    ctx: BuildContext, planned: Sequence[Planned], *, initrd: bool, rootfs: bool, base: bool
+) -> None:
+    config = ctx.config
+    total = sum(p.inode.size for p in planned if p.inode.kind is Kind.FILE)
+    names = [n for n, wanted in (("initrd.img", initrd), ("rootfs.tar.gz", rootfs),
+                                  ("base.tar", base)) if wanted]  # fmt: skip
+    title = " and ".join(names)
+    with contextlib.ExitStack() as stack:
+        newc = tar = None
+        if initrd:
+            sink = stack.enter_context(
+                _artifact(ctx, "initrd.img", config.compression, config.initrd_level)
+            )
+            newc = NewcWriter(sink)
+        if rootfs:
+            sink = stack.enter_context(
+                _artifact(ctx, "rootfs.tar.gz", Compression.GZIP, config.gzip_level)
+            )
+            tar = TarWriter(sink)
+        if base:
+            sink = stack.enter_context(_artifact(ctx, "base.tar", Compression.NONE, 0))
+            tar = TarWriter(sink)
+        start = time.monotonic()
+        with progress(total=total, desc=title) as bar:
+            write_archives(planned, newc=newc, tar=tar, progress=bar.update)
+        log.debug("%s: %d entries, %s of file data in %.1f s", title, len(planned),
+                  human_size(total), time.monotonic() - start)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _artifact(
+    ctx: BuildContext, name: str, compression: Compression, level: int
+) -> Iterator[CompressedWriter]:
+    """A compressed stream into work/NAME; logged with its size and time once complete."""
+    start = time.monotonic()
+    path = ctx.work / name
+    raw = HashingFile(path.open("wb"))
+    writer = CompressedWriter(raw, compression, level)  # type: ignore[arg-type]
+    try:
+        yield writer
+    except BaseException:
+        writer.abort()
+        path.unlink(missing_ok=True)
+        raise
+    writer.close()
+    ctx.hashes[name] = raw.digest.hexdigest()
+    ctx.written.append(name)
+    log.info(
+        "%s %s in %.1f s (%s before compression)",
+        name,
+        human_size(path.stat().st_size),
+        time.monotonic() - start,
+        human_size(writer.written),
+    )
+
+
+def write_manifest(ctx: BuildContext) -> None:
+    """manifest.json (what went in, what came out) and SHA256SUMS."""
+    assert ctx.base is not None and ctx.guest is not None
+    artifacts = {
+        name: {
+            "size": (ctx.work / name).stat().st_size,
+            "sha256": ctx.hashes.get(name) or sha256_file(ctx.work / name),
+        }
+        for name in sorted(ctx.written)
+    }
+    base = ctx.base
+    manifest = {
+        "uvmkit": __version__,
+        "image": ctx.config.recipe.name,
+        "base": {
+            "ref": base.ref,
+            "kind": base.kind,
+            "id": base.id,
+            "digests": list(base.digests),
+            "origin": base.origin,
+            **({"details": base.details} if base.details else {}),
+        },
+        "agent": {
+            "version": ctx.guest.version,
+            "branch": ctx.guest.branch,
+            "compiler": ctx.guest.compiler,
+            "source_hash": ctx.guest.source_hash,
+        },
+        "options": ctx.config.options(),
+        "source_date_epoch": ctx.config.source_date_epoch,
+        "build_key": ctx.key,
+        "artifacts": artifacts,
+    }
+    (ctx.work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (ctx.work / SUMS).write_text(_sums_text(artifacts))
+    ctx.written += [MANIFEST, SUMS]
+
+
+def _sums_text(artifacts: dict[str, dict[str, object]]) -> str:
+    return "".join(f"{meta['sha256']}  {name}\n" for name, meta in sorted(artifacts.items()))
+
+
+def store_in_cache(ctx: BuildContext) -> None:
+    """Keep the artifacts under the build key, so the same inputs never build twice."""
+    with ctx.cache.store("builds", ctx.key) as tmp:
+        if tmp is None:
+            return
+        for name in ctx.written:
+            _copy(ctx.work / name, tmp / name)
+
+
+def publish(ctx: BuildContext, names: Sequence[str]) -> None:
+    """Rename the finished artifacts into out/, the manifest last."""
+    out = ctx.config.out_dir
+    ordered = sorted(names, key=lambda n: (n in (MANIFEST, SUMS), n))
+    for name in ordered:
+        os.replace(ctx.work / name, out / name)
+    if ctx.manifest_wanted:
+        _write_stamp(ctx, ordered)
+        log.info("artifacts in %s: %s", out, ", ".join(ordered))
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+class HashingFile:
+    """A file opened for writing that hashes what goes through it, to spare a re-read."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self.inner = inner
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        self.digest.update(data)
+        return self.inner.write(data)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows, else a copy.
+
+    Linking is safe although an artifact edited in out/ then changes the cache entry too:
+    every cache entry is verified against its hashes before use, so a changed one is
+    rebuilt, never served.
+    """
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+@contextlib.contextmanager
+def _friendly_os_errors(out: Path) -> Iterator[None]:
+    """Turn a full disk or a permission problem while writing into one clear line."""
+    try:
+        yield
+    except UvmkitError:
+        raise
+    except OSError as exc:
+        where = exc.filename or out
+        if exc.errno == errno.ENOSPC:
+            raise ToolError(
+                f"no space left on the device while writing {where}",
+                hint="free some space (or pass --out on another disk); earlier artifacts are "
+                "untouched",
+            ) from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise BadInputError(f"cannot write {where}: {exc.strerror}") from None
+        raise
+
+
+def _code_hash() -> str:
+    """The uvmkit package's own sources: a change to how artifacts are written changes them."""
+    return _tree_hash(Path(__file__).resolve().parent, suffix=".py")
+
+
+def _tree_hash(root: Path, *, suffix: str = "") -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name.endswith(suffix) and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(root)).encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def clean_outputs(out: Path, *, cache: bool) -> None:
+    """Remove the artifacts a build writes into out/ (and leftovers), and the cache if asked."""
+    names = [a.value for a in Artifact if a is not Artifact.AGENT]
+    names += [*AGENT_FILES, MANIFEST, SUMS, STAMP, "console.log"]
+    removed = 0
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+            removed += 1
+    for leftover in out.glob(".uvmkit-build.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    log.info("removed %d file(s) from %s", removed, out)
+    if cache:
+        store = Cache(default_cache_dir())
+        log.info("emptied the cache at %s (%s)", store.root, human_size(store.clear()))

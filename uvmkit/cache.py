@@ -1,0 +1,129 @@
+"""A content-addressed build cache under $XDG_CACHE_HOME/uvmkit.
+
+Each entry is a directory named by a key that hashes everything that decides its
+contents, holding its files and an `entry.json` with their sha256 sums. An entry is
+written under a temporary name and renamed into place whole; before use its files are
+hashed again, and an entry that does not match (a disk error, a hand edit, a killed
+writer's leftovers) is removed and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .log import log
+
+ENTRY_FILE = "entry.json"
+HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_key(*parts: object) -> str:
+    """A stable key for anything JSON can represent."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Cache:
+    """One cache root; `enabled=False` (--no-cache) makes every lookup miss and stores nothing."""
+
+    def __init__(self, root: Path, *, enabled: bool = True) -> None:
+        self.root = root
+        self.enabled = enabled
+
+    def lookup(self, kind: str, key: str, what: str) -> Path | None:
+        """The verified entry directory for (kind, key), or None; says why at DEBUG."""
+        if not self.enabled:
+            log.debug("%s: rebuilt (--no-cache)", what)
+            return None
+        entry = self.root / kind / key
+        try:
+            recorded = json.loads((entry / ENTRY_FILE).read_text())
+            files: dict[str, str] = recorded["files"]
+        except FileNotFoundError:
+            log.debug("%s: rebuilt (not in the cache)", what)
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            self._discard(entry, what, "its record is unreadable")
+            return None
+        for name, digest in files.items():
+            path = entry / name
+            try:
+                actual = sha256_file(path)
+            except OSError:
+                actual = "missing"
+            if actual != digest:
+                self._discard(entry, what, f"{name} is missing or does not match its hash")
+                return None
+        log.debug("%s: reused from the cache (%s)", what, entry)
+        return entry
+
+    def _discard(self, entry: Path, what: str, why: str) -> None:
+        log.warning("cache entry for %s is damaged (%s); rebuilding it", what, why)
+        shutil.rmtree(entry, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def store(self, kind: str, key: str) -> Iterator[Path | None]:
+        """A directory to write a new entry's files into, kept only if the block succeeds.
+
+        Yields None when the cache is disabled; the caller then writes elsewhere.
+        """
+        if not self.enabled:
+            yield None
+            return
+        parent = self.root / kind
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=parent))
+        try:
+            yield tmp
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != ENTRY_FILE}
+            (tmp / ENTRY_FILE).write_text(json.dumps({"files": files}, indent=1) + "\n")
+            final = parent / key
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def get_or_make(
+        self, kind: str, key: str, what: str, make: Callable[[Path], None], *, scratch: Path
+    ) -> Path:
+        """The entry's directory: reused when it verifies, else filled by `make(directory)`.
+
+        With the cache disabled, `make` fills `scratch` instead, which is returned.
+        """
+        entry = self.lookup(kind, key, what)
+        if entry is not None:
+            return entry
+        with self.store(kind, key) as tmp:
+            if tmp is None:
+                scratch.mkdir(parents=True, exist_ok=True)
+                make(scratch)
+                return scratch
+            make(tmp)
+        return self.root / kind / key
+
+    def clear(self) -> int:
+        """Remove everything; returns the bytes freed."""
+        freed = 0
+        if self.root.is_dir():
+            for path in self.root.rglob("*"):
+                with contextlib.suppress(OSError):
+                    if path.is_file() and not path.is_symlink():
+                        freed += path.stat().st_size
+            shutil.rmtree(self.root)
+        return freed
