@@ -15,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from invoke import Context, Exit, task
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
 
 from uvmkit import build
 from uvmkit.build import clean_outputs
@@ -157,6 +159,21 @@ rootfs = _build_task(
 
 @task(
     help={
+        "base": "image to benchmark on (default: debian-minbase:local, which ./setup.sh test "
+        "makes)",
+        "rounds": "how many cold runs of each side (default 3)",
+    }
+)
+@friendly
+def bench(c: Context, base: str = "debian-minbase:local", rounds: int = 3) -> None:
+    """Time build-all against the shell pipeline it replaces; print medians side by side."""
+    from uvmkit.bench import bench as run_bench
+
+    print(run_bench(base, rounds=rounds))
+
+
+@task(
+    help={
         "out": "directory to clean (default: out/)",
         "cache": "also empty the build cache ($XDG_CACHE_HOME/uvmkit)",
     }
@@ -171,14 +188,16 @@ def clean(c: Context, out: str = "out", cache: bool = False) -> None:
     help={
         "out": "directory the boot files are in (default: out/)",
         "kernel": "kernel to boot (default: the recipe's, else the newest /boot/vmlinuz-*)",
-        "exec": "command to run in the guest; its exit status becomes ours",
-        "timeout": "seconds to wait for the guest agent before failing",
+        "exec": "command to run in the guest, split as a shell would; its exit status (128+N "
+        "for signal N) becomes ours; without it, a smoke check runs",
+        "timeout": "seconds to wait for the guest agent to answer (default 60); the command "
+        "itself may run longer",
         "accel": "auto, kvm or tcg; auto uses KVM only when it really works",
-        "cpus": "virtual CPUs",
-        "memory": "guest memory in MB",
+        "cpus": "virtual CPUs (default 1)",
+        "memory": "guest memory in MB (default 512)",
         "kernel_args": "extra kernel command line arguments",
         "count": "boot this many times (with --measure: report boot times)",
-        "parallel": "how many guests to run at once",
+        "parallel": "how many guests to run at once (default 1)",
         "measure": "report min/median/max time from QEMU start to the agent's hello",
         "console_log": "where to write the guest's console (default: OUT/console.log)",
     }
@@ -189,7 +208,7 @@ def boot(
     out: str = "out",
     kernel: str = "",
     exec: str = "",
-    timeout: float = 60.0,
+    timeout: int = 60,
     accel: str = "auto",
     cpus: int = 1,
     memory: int = 512,
@@ -200,4 +219,34 @@ def boot(
     console_log: str = "",
 ) -> None:
     """Boot the built initrd under QEMU, talk to the guest agent, optionally run a command."""
-    raise UvmkitError("boot is not implemented yet")
+    import shlex
+
+    from uvmkit import boot as harness
+    from uvmkit.errors import BadInputError
+    from uvmkit.qemu import Accel
+
+    try:
+        accel_choice = Accel(accel)
+    except ValueError:
+        raise BadInputError(f"--accel {accel!r} is not one of auto, kvm, tcg") from None
+    try:
+        command = tuple(shlex.split(exec))
+    except ValueError as exc:
+        raise BadInputError(f"--exec {exec!r}: {exc}", hint="quote it as for a shell") from None
+    options = harness.BootOptions(
+        out_dir=Path(out),
+        kernel=Path(kernel) if kernel else None,
+        command=command,
+        timeout=timeout,
+        accel=accel_choice,
+        cpus=cpus,
+        memory_mb=memory,
+        kernel_args=kernel_args,
+        count=count,
+        parallel=parallel,
+        measure=measure,
+        console_log=Path(console_log) if console_log else None,
+    )
+    status = harness.boot(options)
+    if status != 0:
+        raise Exit(code=status)

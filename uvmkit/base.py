@@ -17,9 +17,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import zstandard
-from isal import igzip
-
 from . import engine
 from .archive import header_checksum_ok
 from .cache import Cache, sha256_file
@@ -256,6 +253,9 @@ def _decompressed(
 
 def decompress_to(path: Path, kind: Sniffed, target: Path) -> None:
     """Decompress a gzip or zstd file into target; a damaged stream is an error naming it."""
+    import zstandard
+    from isal import igzip
+
     try:
         with path.open("rb") as raw, target.open("wb") as out:
             if kind is Sniffed.GZIP:

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-import jinja2
-
 from . import __version__, engine, guest
 from .archive import Entry, Kind, read_cpio, read_tar
 from .base import BaseId, BaseSource, LayerFormat, identify, materialize
@@ -405,6 +403,8 @@ def _overlay(root: Path, mtime: int) -> list[tuple[bytes, Inode]]:
 
 def render_info(ctx: BuildContext) -> dict[str, bytes]:
     """The /info files, rendered from templates/info/*.j2."""
+    import jinja2  # only a build that writes artifacts needs it
+
     assert ctx.guest is not None and ctx.base is not None
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR),

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
-import zstandard
-from isal import igzip_threaded
-
 from .config import Compression
 
 # Both cores: the writer thread and the compressors outrun a single core by far.
@@ -31,12 +28,17 @@ class CompressedWriter:
         self.written = 0
         self._buffer = bytearray()
         self._stream: BinaryIO | None
+        # Imported here: a build that finds its artifacts up to date never compresses.
         if compression is Compression.GZIP:
+            from isal import igzip_threaded
+
             self._block = GZIP_BLOCK
             self._stream = igzip_threaded.open(  # type: ignore[no-untyped-call]
                 raw, "wb", compresslevel=level, threads=THREADS, block_size=GZIP_BLOCK
             )
         elif compression is Compression.ZSTD:
+            import zstandard
+
             self._block = 0
             # Multi-threaded zstd output is deterministic for a level and thread count;
             # the checksum lets `zstd -t` verify the file.
