@@ -13,7 +13,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import queue
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,14 +165,36 @@ def from_engine(info: engine.ImageInfo, *, cache: Cache, work_dir: Path) -> Base
 
 
 def _export(info: engine.ImageInfo, target: Path) -> None:
-    with (
-        engine.export_image(info) as chunks,
-        target.open("wb") as out,
-        progress(total=info.size or None, desc=f"export {info.ref}") as bar,
-    ):
-        for chunk in chunks:
-            out.write(chunk)
-            bar.update(len(chunk))
+    # Writing to disk costs about as much as receiving; a writer thread overlaps the two.
+    chunks_to_write: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+    failure: list[BaseException] = []
+
+    def write_all() -> None:
+        with target.open("wb") as out:
+            while (chunk := chunks_to_write.get()) is not None:
+                if not failure:
+                    try:
+                        out.write(chunk)
+                    except BaseException as exc:
+                        failure.append(exc)
+
+    writer = threading.Thread(target=write_all, name="export-writer")
+    writer.start()
+    try:
+        with (
+            engine.export_image(info) as chunks,
+            progress(total=info.size or None, desc=f"export {info.ref}") as bar,
+        ):
+            for chunk in chunks:
+                if failure:
+                    break
+                chunks_to_write.put(chunk)
+                bar.update(len(chunk))
+    finally:
+        chunks_to_write.put(None)
+        writer.join()
+    if failure:
+        raise failure[0]
 
 
 # --- files --------------------------------------------------------------------------
