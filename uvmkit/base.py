@@ -236,7 +236,7 @@ def from_file(
         plain, inner = path, kind
 
     if inner is Sniffed.TAR:
-        layout = image_archive.detect(plain)
+        layout = image_archive.detect(plain, name=str(path))
         if layout is not None:
             return image_archive.from_tar(
                 plain, layout, source=path, cache=cache, work_dir=work_dir, platform=platform
