@@ -261,32 +261,52 @@ static void child_exec(char **argv, char **envp, const char *cwd, int out, int e
         _exit(status);
 }
 
-/* Forward one read from a command's pipe; returns false once the pipe is done. */
-static bool forward_output(int fd, uint8_t type, uint32_t id)
+/*
+ * Forward one read of at most `max` bytes from a command's pipe. Returns the
+ * number forwarded, 0 once the pipe is done, or -1 when there was nothing yet.
+ */
+static ssize_t forward_output(int fd, uint8_t type, uint32_t id, size_t max)
 {
-        ssize_t n = read(fd, out_payload, OUTPUT_CHUNK);
+        ssize_t n = read(fd, out_payload, max < OUTPUT_CHUNK ? max : OUTPUT_CHUNK);
         if (n < 0 && (errno == EINTR || errno == EAGAIN))
-                return true;
+                return -1;
         if (n <= 0)
-                return false;
+                return 0;
         send_frame(type, id, out_payload, (size_t)n);
-        return true;
+        return n;
+}
+
+/* The most a pipe can hold, which bounds what a command left in it when it exited. */
+static size_t pipe_capacity(int fd)
+{
+        int size = fcntl(fd, F_GETPIPE_SZ);
+        return size > 0 ? (size_t)size : PROTO_MAX_PAYLOAD;
 }
 
 /*
- * Stream the command's output until both pipes close. A command that leaves a
- * background process holding them open would keep them open forever, so once
- * the command itself has exited we only drain what is already there.
+ * Stream the command's output until both pipes close. A background process the
+ * command left behind may hold them open, silent or writing without end. So once
+ * the command itself has exited we only take what is already there: at most one
+ * pipe's capacity more from each, which is all the command can have left behind,
+ * however slowly the host reads it.
  */
 static int pump_output(pid_t pid, int out, int err, uint32_t id)
 {
         struct pollfd fds[2] = {{.fd = out, .events = POLLIN}, {.fd = err, .events = POLLIN}};
         const uint8_t types[2] = {FRAME_STDOUT, FRAME_STDERR};
+        size_t budget[2] = {SIZE_MAX, SIZE_MAX};
         int open_count = 2;
         bool exited = false;
         int status = 0;
 
         while (open_count > 0) {
+                /* Checked on every round: a command whose pipes never go quiet still ends. */
+                if (!exited && waitpid(pid, &status, WNOHANG) == pid) {
+                        exited = true;
+                        for (int i = 0; i < 2; i++)
+                                if (fds[i].fd >= 0)
+                                        budget[i] = pipe_capacity(fds[i].fd);
+                }
                 int n = poll(fds, 2, exited ? 0 : 100);
                 if (n < 0 && errno == EINTR)
                         continue;
@@ -294,17 +314,15 @@ static int pump_output(pid_t pid, int out, int err, uint32_t id)
                         warn("poll on command output");
                         break;
                 }
-                if (n == 0) {
-                        if (exited)
-                                break;
-                        if (waitpid(pid, &status, WNOHANG) == pid)
-                                exited = true;
-                        continue;
-                }
+                if (n == 0 && exited)
+                        break;
                 for (int i = 0; i < 2; i++) {
                         if (fds[i].fd < 0 || fds[i].revents == 0)
                                 continue;
-                        if (!forward_output(fds[i].fd, types[i], id)) {
+                        ssize_t got = forward_output(fds[i].fd, types[i], id, budget[i]);
+                        if (got > 0 && budget[i] != SIZE_MAX)
+                                budget[i] -= (size_t)got;
+                        if (got == 0 || budget[i] == 0) {
                                 close(fds[i].fd);
                                 fds[i].fd = -1;
                                 open_count--;
@@ -331,8 +349,12 @@ static void handle_exec(uint32_t id, const uint8_t *payload, uint32_t len)
                 send_error(id, EINVAL, "exec: payload too short for argc and envc");
                 return;
         }
+        if (argc == 0) {
+                send_error(id, EINVAL, "exec: argv is empty");
+                return;
+        }
         /* Every string costs at least 4 bytes, which bounds the counts by the payload. */
-        if (argc == 0 || (uint64_t)argc + envc + 1 > r.left / 4) {
+        if ((uint64_t)argc + envc + 1 > r.left / 4) {
                 send_error(id, EINVAL, "exec: argc %u and envc %u do not fit the payload", argc,
                            envc);
                 return;
@@ -357,9 +379,14 @@ static void handle_exec(uint32_t id, const uint8_t *payload, uint32_t len)
         if (*cwd == '\0')
                 cwd = "/";
         struct stat st;
-        if (stat(cwd, &st) < 0 || !S_ISDIR(st.st_mode)) {
-                send_error(id, errno ? errno : ENOTDIR, "exec: working directory %s: %s", cwd,
-                           strerror(errno ? errno : ENOTDIR));
+        int cwd_error = 0;
+        if (stat(cwd, &st) < 0)
+                cwd_error = errno;
+        else if (!S_ISDIR(st.st_mode))
+                cwd_error = ENOTDIR;
+        if (cwd_error != 0) {
+                send_error(id, cwd_error, "exec: working directory %s: %s", cwd,
+                           strerror(cwd_error));
                 return;
         }
 
@@ -406,13 +433,25 @@ static void handle_read_file(uint32_t id, const uint8_t *payload, uint32_t len)
                 send_error(id, EINVAL, "read_file: path is missing, truncated or holds a NUL");
                 return;
         }
-        /* O_NONBLOCK so a FIFO cannot park the agent; it is refused just below anyway. */
+        /*
+         * Look before opening: opening a device can have effects of its own (a
+         * watchdog starts counting, a tape rewinds), and only regular files are served.
+         */
+        struct stat st;
+        if (stat(path, &st) < 0) {
+                send_error(id, errno, "read_file: %s: %s", path, strerror(errno));
+                return;
+        }
+        if (!S_ISREG(st.st_mode)) {
+                send_error(id, EINVAL, "read_file: %s: not a regular file", path);
+                return;
+        }
+        /* O_NONBLOCK so a FIFO swapped in meanwhile cannot park the agent; fstat refuses it. */
         int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
         if (fd < 0) {
                 send_error(id, errno, "read_file: %s: %s", path, strerror(errno));
                 return;
         }
-        struct stat st;
         if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
                 send_error(id, EINVAL, "read_file: %s: not a regular file", path);
                 close(fd);
@@ -528,6 +567,8 @@ int main(int argc, char **argv)
                 log_use_kmsg();
         /* A write to a host that hung up should fail with EPIPE, not kill us silently. */
         signal(SIGPIPE, SIG_IGN);
+        /* An ignored SIGCHLD, inherited from whoever started us, would reap commands for us. */
+        signal(SIGCHLD, SIG_DFL);
         open_transport(stdio);
 
         send_frame(FRAME_READY, 0, NULL, 0);
@@ -563,8 +604,8 @@ int main(int argc, char **argv)
                 }
                 if (version != PROTO_VERSION) {
                         send_error(id, EPROTONOSUPPORT,
-                                   "frame version %u is not supported (want %d); closing",
-                                   version, PROTO_VERSION);
+                                   "frame version %u is not supported (want %d); closing", version,
+                                   PROTO_VERSION);
                         return EXIT_PROTOCOL;
                 }
                 if (len > PROTO_MAX_PAYLOAD) {

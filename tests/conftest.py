@@ -15,6 +15,7 @@ import pytest
 from uvmkit import engine as engine_module
 from uvmkit import services
 from uvmkit.errors import UvmkitError
+from uvmkit.guest import GuestBuild, build_guest
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +64,9 @@ def tmp_xdg_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache.mkdir()
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def guest_build(tmp_path_factory: pytest.TempPathFactory) -> GuestBuild:
+    """/init and the agent, compiled once per session from guest/ as a build would."""
+    return build_guest(tmp_path_factory.mktemp("guest"), source_date_epoch=0)

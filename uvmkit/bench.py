@@ -205,7 +205,7 @@ def _report(
             "",
             f"{comment:.2f} s",
             f"{comment / uvmkit.median:.0%} of cold",
-        ),  # fmt: skip
+        ),
         ("rebuild, code in guest/", "", f"{code:.2f} s", f"{code / uvmkit.median:.0%} of cold"),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import re
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +37,9 @@ from .qemu import Accel, QemuConfig
 BASE_KERNEL_ARGS = ("console=ttyS0", "panic=-1", "uvmkit.transport=serial:/dev/ttyS1")
 
 CONSOLE_TAIL_LINES = 20
+
+# The /info files the smoke check reads and reports, when the image has them.
+INFO_FILES = ("version", "branch", "base", "build-date")
 
 # How long a guest may take to power off after the agent acknowledged the shutdown.
 POWER_OFF_SECONDS = 10.0
@@ -82,9 +87,7 @@ class _Plan:
 class _GuestWatch:
     """The `check` hook for the agent client: raises as soon as the guest is known dead."""
 
-    def __init__(
-        self, proc: qemu.subprocess.Popen[bytes], console_log: Path, stderr_log: Path
-    ) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], console_log: Path, stderr_log: Path) -> None:
         self.proc = proc
         self.console_log = console_log
         self.stderr_log = stderr_log
@@ -111,14 +114,16 @@ class _GuestWatch:
     def diagnose(self, waiting_for: str = "the guest agent") -> BootError:
         """Why the guest is gone, from the console and QEMU's exit."""
         # Give QEMU a moment to finish exiting after a panic; it never needs long.
-        with contextlib.suppress(qemu.subprocess.TimeoutExpired):
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=2)
         console = self.console().decode("utf-8", "replace")
         panic = next((ln for ln in console.splitlines() if "Kernel panic" in ln), None)
         if panic is not None:
             panic = panic.split("] ", 1)[-1].strip()
             if "Attempted to kill init" in panic:
-                return BootError(f"the guest's /init died before {waiting_for} answered ({panic})")
+                return BootError(
+                    f"the guest's /init {_init_end(panic)} before {waiting_for} answered ({panic})"
+                )
             return BootError(f"the guest kernel panicked: {panic}")
         code = self.proc.returncode
         if code is None:
@@ -132,6 +137,17 @@ class _GuestWatch:
     def reached_init(self) -> bool:
         """True once the kernel has started /init (it logs that line at boot)."""
         return b"Run /init as init process" in self.console()
+
+
+def _init_end(panic: str) -> str:
+    """How /init ended, from the wait status the kernel prints in its panic message."""
+    match = re.search(r"exitcode=0x([0-9a-f]+)", panic)
+    if match is None:
+        return "died"
+    status = int(match.group(1), 16)
+    if status & 0x7F:
+        return f"was killed by signal {status & 0x7F}"
+    return f"exited with status {status >> 8}"
 
 
 def boot(options: BootOptions) -> int:
@@ -157,10 +173,7 @@ def boot(options: BootOptions) -> int:
     )
 
     with _sigterm_as_interrupt():
-        if options.count == 1:
-            results = [_boot_once(plan, 0)]
-        else:
-            results = _boot_many(plan)
+        results = [_boot_once(plan, 0)] if options.count == 1 else _boot_many(plan)
 
     if options.measure or options.count > 1:
         _report_times(results, accel)
@@ -315,7 +328,7 @@ def _talk(
 
     try:
         watch.proc.wait(timeout=POWER_OFF_SECONDS)
-    except qemu.subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired:
         log.warning("the guest did not power off within %.0f s; killing QEMU", POWER_OFF_SECONDS)
     return BootResult(index, hello_seconds, hello, status)
 
@@ -357,7 +370,7 @@ def _log_status(name: str, status: ExitStatus) -> None:
 
 
 def _smoke_check(client: AgentClient, hello: HelloInfo) -> None:
-    """Without a command: the kernel answers through the agent, and /info files are readable."""
+    """Without a command: the kernel answers through the agent, and /info matches the agent."""
     version = client.read_file("/proc/version")
     if not version.startswith(b"Linux version"):
         raise BootError(f"/proc/version in the guest reads {version[:40]!r}")
@@ -365,19 +378,36 @@ def _smoke_check(client: AgentClient, hello: HelloInfo) -> None:
         raise BootError(
             f"kernel release {hello.kernel_release} is not in /proc/version: {version[:80]!r}"
         )
-    for path in ("/info/version", "/info/manifest.json", "/info/test"):
+
+    info = {}
+    for name in INFO_FILES:
         try:
-            data = client.read_file(path)
+            info[name] = client.read_file(f"/info/{name}").decode("utf-8", "replace").strip()
         except AgentError as exc:
-            log.debug("%s: %s", path, exc.message)
-            continue
-        log.info("guest %s: %d bytes", path, len(data))
+            log.debug("not in the guest: %s", exc.message)
+    if "version" not in info:
+        log.warning("the guest has no /info/version, so its guest layer is not from a build")
+    elif info["version"] != hello.agent_version:
+        # Both are written by the same build; a mismatch means a mixed-up guest layer.
+        raise BootError(
+            f"/info/version in the guest is {info['version']!r} but its agent says "
+            f"{hello.agent_version!r}",
+            hint="rebuild the image with `invoke build-all`",
+        )
+    log.info(
+        "smoke check passed: /proc/version read through the agent; /info: %s",
+        ", ".join(f"{name} {value}" for name, value in info.items()) or "none",
+    )
 
 
 def _show_console_tail(watch: _GuestWatch, console_log: Path) -> None:
     lines = watch.console().decode("utf-8", "replace").splitlines()
-    tail = lines[-CONSOLE_TAIL_LINES:]
-    print(f"--- last {len(tail)} lines of {console_log} ---", file=sys.stderr)
+    # After a panic the last lines are its backtrace; what led up to it says more.
+    end = next((i + 1 for i, ln in enumerate(lines) if "Kernel panic" in ln), len(lines))
+    tail = lines[max(0, end - CONSOLE_TAIL_LINES) : end]
+    print(f"--- console up to line {end} of {console_log} ---", file=sys.stderr)
     for line in tail:
         print(f"  {line.rstrip()}", file=sys.stderr)
+    if end < len(lines):
+        print(f"  ({len(lines) - end} more lines: the panic's backtrace)", file=sys.stderr)
     print("---", file=sys.stderr)
