@@ -87,14 +87,17 @@ def test_signal_gives_128_plus_n(image: Path, kernel: Path) -> None:
 
 
 def test_smoke_check_with_auto_accel(image: Path, kernel: Path, guest_build: GuestBuild) -> None:
-    # KVM does not work on these machines (nor in CI), so auto must notice and use TCG.
+    # KVM does not work on these machines (nor in CI): /dev/kvm is there, but a guest
+    # hangs. auto must notice, say so and boot under TCG; where KVM works, it uses KVM.
     result = invoke_boot(image, kernel, accel="auto")
 
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
-    assert "KVM is not usable" in result.stderr
-    assert "falling back to TCG" in result.stderr
-    assert "under TCG" in result.stderr
+    if "KVM is not usable" in result.stderr:
+        assert "falling back to TCG" in result.stderr
+        assert "under TCG" in result.stderr
+    else:
+        assert "under KVM" in result.stderr
     assert (
         f"smoke check passed: /proc/version read through the agent; /info: "
         f"version {guest_build.version}, base guestimage"
