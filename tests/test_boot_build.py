@@ -83,3 +83,36 @@ def test_built_image_smoke_check_reads_info(built: tuple[Path, str]) -> None:
         f"version {version}, branch {branch}, base {base}, build-date "
     )
     assert "warning" not in result.stderr
+
+
+def test_zstd_initrd_boots(tmp_path: Path, busybox_image: str) -> None:
+    """The kernel reads a zstd initrd as well: build one and run a command in it."""
+    out = tmp_path / "out"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    built = invoke("build-all", "--base", busybox_image, "--out", str(out), "--compression",
+                   "zstd", env=env, timeout=600)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert (out / "initrd.img").read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+
+    result = boot(out, "--exec", "cat /info/base")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{busybox_image}\n"
+
+
+def test_usr_merged_debian_image_boots(tmp_path: Path, debian_image: str) -> None:
+    """A realistic base: thousands of entries, hard links, /bin a link to usr/bin."""
+    out = tmp_path / "out"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    built = invoke("build-all", "--base", debian_image, "--out", str(out), env=env, timeout=600)
+    assert built.returncode == 0, built.stderr
+
+    script = (
+        "readlink /bin; ls -l /usr/bin/uvmkit-agent | cut -c1-10; stat -c %a /usr/bin/passwd; "
+        "grep ^ID= /etc/os-release; echo oops >&2"
+    )
+    result = boot(out, "--memory", "1024", "--timeout", "90", "--exec", f"sh -c '{script}'")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["usr/bin", "-rwxr-xr-x", "4755", "ID=debian"]
+    assert "oops" in result.stderr
