@@ -63,7 +63,7 @@ def friendly(func: F) -> F:
 
 
 BUILD_HELP = {
-    "image": "image recipe under images/ (default: default)",
+    "image": "recipe: a name under images/ (default: default), or a path to a .toml file",
     "base": "base image reference or archive path; overrides the recipe's base",
     "out": "directory to write the artifacts into (default: out/)",
     "compression": "initrd.img compression: gzip (default), zstd or none",

@@ -19,6 +19,8 @@ from typing import BinaryIO
 from .errors import BadInputError, show_name
 
 BLOCK = 512
+# Linux device numbers: 32 bits of major, 32 of minor.
+MAX_DEVICE_NUMBER = 0xFFFFFFFF
 
 
 class Kind(enum.Enum):
@@ -73,23 +75,40 @@ _TAR_UNSUPPORTED = {
 }
 
 
-def _number(field_bytes: bytes, what: str, archive: str, name: bytes) -> int:
-    """A numeric header field: octal text, or GNU base-256 when the top bit is set."""
+_OCTAL_DIGITS = frozenset(b"01234567")
+
+
+def _number(
+    field_bytes: bytes, what: str, archive: str, name: bytes, *, signed: bool = False
+) -> int:
+    """A numeric header field: octal text, or GNU base-256 when the top bit is set.
+
+    Only an mtime may be negative (`signed`); a negative size, owner or device number
+    is refused, since a size below zero would send the reader backwards.
+    """
     if field_bytes and field_bytes[0] & 0x80:
-        value = int.from_bytes(field_bytes[1:], "big")
-        if field_bytes[0] & 0x40:  # negative base-256 (only ever seen in mtimes)
-            value -= 1 << (8 * (len(field_bytes) - 1))
-        return value
-    text = field_bytes.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
+        # Base-256: the field is one big-endian two's complement number, less the marker
+        # bit; 0xff-led fields are negative.
+        if field_bytes[0] & 0x40:
+            value = int.from_bytes(field_bytes, "big", signed=True)
+        else:
+            value = int.from_bytes(bytes([field_bytes[0] & 0x7F]) + field_bytes[1:], "big")
+    else:
+        text = field_bytes.split(b"\0", 1)[0].strip(b" ")
+        if not text:
+            return 0
+        if not set(text) <= _OCTAL_DIGITS:
+            raise BadInputError(
+                f"{archive}: entry {show_name(name) or '?'} has a bad {what} field {text!r}",
+                hint="the archive is damaged or not a tar",
+            )
+        value = int(text, 8)
+    if value < 0 and not signed:
         raise BadInputError(
-            f"{archive}: entry {show_name(name) or '?'} has a bad {what} field {text!r}",
-            hint="the archive is damaged or not a tar",
-        ) from None
+            f"{archive}: entry {show_name(name) or '?'} has a negative {what} ({value})",
+            hint="the archive is damaged",
+        )
+    return value
 
 
 def _cstring(field_bytes: bytes) -> bytes:
@@ -103,9 +122,11 @@ def header_checksum_ok(block: bytes) -> bool:
     except ValueError:
         return False
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    if stored == unsigned:
+        return True
     # Some old writers summed signed chars; accept either, as GNU tar does.
-    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b >= 128)
-    return stored in (unsigned, signed)
+    high = sum(1 for b in block[:148] + block[156:] if b >= 128)
+    return stored == unsigned - 256 * high
 
 
 def _parse_pax(data: bytes, archive: str, near: bytes) -> dict[bytes, bytes]:
@@ -116,10 +137,8 @@ def _parse_pax(data: bytes, archive: str, near: bytes) -> dict[bytes, bytes]:
         if data[pos] == 0:  # padding some writers leave at the end
             break
         space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            length = 0
+        digits = data[pos:space] if space > pos else b""
+        length = int(digits) if digits.isdigit() else 0
         end = pos + length
         if space < 0 or length <= 0 or end > len(data) or data[end - 1 : end] != b"\n":
             raise BadInputError(
@@ -134,23 +153,35 @@ def _parse_pax(data: bytes, archive: str, near: bytes) -> dict[bytes, bytes]:
     return records
 
 
+# PAX records that replace a numeric header field, and the Entry attribute each sets.
+_PAX_NUMBERS = {
+    b"size": "size",
+    b"uid": "uid",
+    b"gid": "gid",
+    b"SCHILY.devmajor": "devmajor",
+    b"SCHILY.devminor": "devminor",
+}
+
+
 def _apply_pax(entry: Entry, records: dict[bytes, bytes], archive: str) -> None:
     for key, value in records.items():
         if key == b"path":
             entry.name = value
         elif key == b"linkpath":
             entry.linkname = value
-        elif key in (b"size", b"uid", b"gid"):
-            try:
-                setattr(entry, key.decode(), int(value))
-            except ValueError:
+        elif key in _PAX_NUMBERS:
+            # Digits only: int() would also take signs, spaces and underscores.
+            if not value.isdigit():
                 raise BadInputError(
-                    f"{archive}: entry {show_name(entry.name)} has a bad PAX {key.decode()}"
-                ) from None
+                    f"{archive}: entry {show_name(entry.name)} has a bad PAX {key.decode()} "
+                    f"record {value!r}",
+                    hint="the archive is damaged",
+                )
+            setattr(entry, _PAX_NUMBERS[key], int(value))
         elif key == b"mtime":
             try:
                 entry.mtime = int(float(value))
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise BadInputError(
                     f"{archive}: entry {show_name(entry.name)} has a bad PAX mtime"
                 ) from None
@@ -159,7 +190,15 @@ def _apply_pax(entry: Entry, records: dict[bytes, bytes], archive: str) -> None:
         elif key.startswith(b"LIBARCHIVE.xattr."):
             # libarchive's own spelling: URL-encoded name, base64 value.
             name = urllib.parse.unquote_to_bytes(key[len(b"LIBARCHIVE.xattr.") :])
-            entry.xattrs.setdefault(name, base64.b64decode(value + b"=" * (-len(value) % 4)))
+            try:
+                decoded = base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
+            except ValueError:
+                raise BadInputError(
+                    f"{archive}: entry {show_name(entry.name)} has a bad LIBARCHIVE.xattr "
+                    f"record for {show_name(name)}",
+                    hint="the archive is damaged",
+                ) from None
+            entry.xattrs.setdefault(name, decoded)
         elif key.startswith(b"GNU.sparse."):
             raise BadInputError(
                 f"{archive}: entry {show_name(entry.name)} is a sparse file, which uvmkit does "
@@ -190,20 +229,20 @@ def read_tar(
         block = f.read(min(BLOCK, max(0, end - here)))
         if not block and last_name:
             return  # no end-of-archive marker, which some writers leave out
+        # Positions in messages count from the start of this tar.
+        where = f"at byte {here - start} (after entry {show_name(last_name) or '(none)'})"
         if len(block) < BLOCK:
             if not block:
                 raise BadInputError(f"{archive}: empty archive", hint="is it the right file?")
             raise BadInputError(
-                f"{archive}: ends in the middle of a tar header after entry "
-                f"{show_name(last_name) or '(none)'}",
+                f"{archive}: ends in the middle of a tar header {where}",
                 hint="the file is truncated; make or download it again",
             )
         if block == bytes(BLOCK):
             return  # end-of-archive marker; whatever follows is padding
         if not header_checksum_ok(block):
             raise BadInputError(
-                f"{archive}: bad tar header checksum after entry "
-                f"{show_name(last_name) or '(none)'}",
+                f"{archive}: bad tar header checksum {where}",
                 hint="the archive is damaged or not a tar",
             )
         flag = block[156:157]
@@ -216,9 +255,13 @@ def read_tar(
         data_offset = f.tell()
 
         if flag in (b"x", b"g", b"L", b"K"):
-            data = f.read(size + (-size % BLOCK))[:size]
-            if len(data) < size:
-                raise BadInputError(f"{archive}: truncated inside a header after {last_name!r}")
+            if data_offset + size > end:
+                raise BadInputError(
+                    f"{archive}: ends inside the extended header {where}",
+                    hint="the file is truncated; make or download it again",
+                )
+            data = f.read(size)
+            f.seek(-size % BLOCK, os.SEEK_CUR)
             if flag == b"x":
                 pending_pax.update(_parse_pax(data, archive, last_name))
             elif flag == b"g":
@@ -250,7 +293,7 @@ def read_tar(
             mode=_number(block[100:108], "mode", archive, name) & 0o7777,
             uid=_number(block[108:116], "uid", archive, name),
             gid=_number(block[116:124], "gid", archive, name),
-            mtime=_number(block[136:148], "mtime", archive, name),
+            mtime=_number(block[136:148], "mtime", archive, name, signed=True),
             size=size,
             offset=data_offset,
             linkname=_cstring(block[157:257]),
@@ -266,6 +309,12 @@ def read_tar(
         if pending_pax:
             _apply_pax(entry, pending_pax, archive)
             pending_pax = {}
+        if max(entry.devmajor, entry.devminor) > MAX_DEVICE_NUMBER:
+            raise BadInputError(
+                f"{archive}: entry {show_name(entry.name)} has device number "
+                f"{entry.devmajor}:{entry.devminor}, past what Linux can hold",
+                hint="the archive is damaged",
+            )
         # Old (V7) archives mark directories only by the trailing slash.
         if kind is Kind.FILE and flag == b"\0" and entry.name.endswith(b"/"):
             entry.kind = Kind.DIR
@@ -304,56 +353,88 @@ class _CpioHeader:
     rdev: tuple[int, int]
     name: bytes
     offset: int
+    # Which of several concatenated archives the entry is in: inode numbers, and with
+    # them hard links, are only shared within one (the kernel forgets them at a trailer).
+    segment: int
+
+
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _cpio_fields(raw: bytes, slices: list[tuple[int, int]], base: int) -> list[int] | None:
+    """The numbers of a cpio header; None unless every field is all digits of `base`."""
+    digits = _HEX_DIGITS if base == 16 else _OCTAL_DIGITS
+    fields = [raw[a:b] for a, b in slices]
+    if len(raw) < slices[-1][1] or not all(f and set(f) <= digits for f in fields):
+        return None
+    return [int(f, base) for f in fields]
+
+
+_NEWC_SLICES = [(i, i + 8) for i in range(0, 8 * _NEWC_FIELDS, 8)]
+_ODC_SLICES = [(0, 6), (6, 12), (12, 18), (18, 24), (24, 30), (30, 36), (36, 42), (42, 53),
+               (53, 59), (59, 70)]  # fmt: skip
 
 
 def _read_cpio_headers(f: BinaryIO, archive: str) -> Iterator[_CpioHeader]:
+    end = f.seek(0, os.SEEK_END)
+    f.seek(0)
     last = b""
+    segment = 0
     while True:
         start = f.tell()
+        where = f"at byte {start} (after entry {show_name(last) or '(none)'})"
         magic = f.read(6)
         if magic in (b"070701", b"070702"):
-            raw = f.read(8 * _NEWC_FIELDS)
-            try:
-                values = [int(raw[i : i + 8], 16) for i in range(0, 8 * _NEWC_FIELDS, 8)]
-            except ValueError:
-                values = []
-            if len(values) != _NEWC_FIELDS:
-                raise BadInputError(f"{archive}: bad cpio header after {show_name(last)}")
+            values = _cpio_fields(f.read(8 * _NEWC_FIELDS), _NEWC_SLICES, 16)
+            if values is None:
+                raise BadInputError(f"{archive}: bad cpio header {where}")
             ino, mode, uid, gid, nlink, mtime, size, dmaj, dmin, rmaj, rmin, namesize, _ = values
             name = f.read(namesize)
             f.seek((-(110 + namesize)) % 4, os.SEEK_CUR)
-            offset = f.tell()
             skip = size + (-size % 4)
             dev, rdev = (dmaj, dmin), (rmaj, rmin)
         elif magic == b"070707":
-            raw = f.read(70)
-            try:
-                fields = [int(raw[a:b], 8) for a, b in _ODC_SLICES]
-            except ValueError:
-                raise BadInputError(f"{archive}: bad cpio header after {show_name(last)}") from None
+            fields = _cpio_fields(f.read(70), _ODC_SLICES, 8)
+            if fields is None:
+                raise BadInputError(f"{archive}: bad cpio header {where}")
             devnum, ino, mode, uid, gid, nlink, rdevnum, mtime, namesize, size = fields
             name = f.read(namesize)
-            offset = f.tell()
             skip = size
             dev = (os.major(devnum), os.minor(devnum))
             rdev = (os.major(rdevnum), os.minor(rdevnum))
         elif not magic:
-            raise BadInputError(f"{archive}: cpio archive ends without a trailer")
+            raise BadInputError(
+                f"{archive}: cpio archive ends without a trailer",
+                hint="the file is truncated; make or download it again",
+            )
         else:
             raise BadInputError(
-                f"{archive}: not a newc or odc cpio record at byte {start}",
+                f"{archive}: not a newc or odc cpio record {where}",
                 hint="the archive is damaged, or is another cpio variant",
             )
+        offset = f.tell()
+        if len(name) != namesize:
+            raise BadInputError(
+                f"{archive}: ends in the middle of a cpio header {where}",
+                hint="the file is truncated; make or download it again",
+            )
         name = name.rstrip(b"\0")
-        if len(name) == 0 or f.tell() != offset:
-            raise BadInputError(f"{archive}: truncated cpio header after {show_name(last)}")
+        if not name:
+            raise BadInputError(f"{archive}: cpio entry without a name {where}")
+        if offset + size > end:
+            raise BadInputError(
+                f"{archive}: entry {show_name(name)} is cut short: the archive ends inside "
+                "its data",
+                hint="the file is truncated; make or download it again",
+            )
         if name == _CPIO_TRAILER:
             # Another archive may follow (initramfs images are often several concatenated),
             # after NUL padding.
             if not _skip_nul_padding(f):
                 return
+            segment += 1
             continue
-        yield _CpioHeader(ino, mode, uid, gid, nlink, mtime, size, dev, rdev, name, offset)
+        yield _CpioHeader(ino, mode, uid, gid, nlink, mtime, size, dev, rdev, name, offset, segment)
         last = name
         f.seek(offset + skip)
 
@@ -371,10 +452,6 @@ def _skip_nul_padding(f: BinaryIO) -> bool:
             return True
 
 
-_ODC_SLICES = [(0, 6), (6, 12), (12, 18), (18, 24), (24, 30), (30, 36), (36, 42), (42, 53),
-               (53, 59), (59, 70)]  # fmt: skip
-
-
 def read_cpio(f: BinaryIO, archive: str) -> Iterator[Entry]:
     """Yield the entries of a newc or odc cpio file as tar-like entries.
 
@@ -382,14 +459,11 @@ def read_cpio(f: BinaryIO, archive: str) -> Iterator[Entry]:
     (usually the last); they come out as a file followed by hard links to it, as tar has.
     """
     headers = list(_read_cpio_headers(f, archive))
-    end = f.seek(0, os.SEEK_END)
-    data_of: dict[tuple[tuple[int, int], int], _CpioHeader] = {}
+    data_of: dict[tuple[int, tuple[int, int], int], _CpioHeader] = {}
     for h in headers:
-        if h.offset + h.size > end:
-            raise BadInputError(f"{archive}: entry {show_name(h.name)} is cut short")
         if stat.S_ISREG(h.mode) and h.nlink > 1 and h.size > 0:
-            data_of[(h.dev, h.ino)] = h
-    first_name: dict[tuple[tuple[int, int], int], bytes] = {}
+            data_of[(h.segment, h.dev, h.ino)] = h
+    first_name: dict[tuple[int, tuple[int, int], int], bytes] = {}
     for h in headers:
         kind = _cpio_kind(h.mode, h.name, archive)
         entry = Entry(
@@ -408,7 +482,7 @@ def read_cpio(f: BinaryIO, archive: str) -> Iterator[Entry]:
         elif kind is Kind.FILE:
             entry.size, entry.offset = h.size, h.offset
             if h.nlink > 1:
-                key = (h.dev, h.ino)
+                key = (h.segment, h.dev, h.ino)
                 if key in first_name:
                     entry.kind, entry.linkname, entry.size = Kind.HARDLINK, first_name[key], 0
                 else:

@@ -365,7 +365,8 @@ def add_guest_layer(ctx: BuildContext) -> None:
 
 def _add(tree: Tree, name: bytes, inode: Inode) -> bytes:
     entry = Entry(name=name, kind=inode.kind, mode=inode.mode, mtime=inode.mtime)
-    return tree.add(entry, inode, archive="the guest layer")
+    # Never over a base's links: a usr-merged base keeps lib -> usr/lib under an overlay.
+    return tree.add(entry, inode, archive="the guest layer", keep_dir_symlinks=True)
 
 
 def _file(data: bytes, mode: int, mtime: int) -> Inode:

@@ -113,8 +113,17 @@ def available_images() -> list[str]:
 
 
 def load_recipe(name: str) -> Recipe:
-    """Read images/NAME.toml; unknown keys and bad values are errors naming the file."""
-    path = IMAGES_DIR / f"{name}.toml"
+    """Read images/NAME.toml, or the recipe file NAME names when it ends in .toml.
+
+    Unknown keys and bad values are errors naming the file.
+    """
+    if name.endswith(".toml"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise BadInputError(f"recipe file {path} does not exist", hint="check --image")
+        name = path.stem
+    else:
+        path = IMAGES_DIR / f"{name}.toml"
     if not path.is_file():
         known = ", ".join(available_images()) or "none"
         raise BadInputError(f"no image recipe {name!r} under {IMAGES_DIR}", hint=f"known: {known}")

@@ -12,11 +12,13 @@ rules of extracting a tar into an empty root, confined to that root:
   directory only updates its metadata and keeps its contents;
 - symlinks in the *parents* of a name are followed, but always inside the image (an
   absolute target, or `..` at the root, stays in the root); the last component is never
-  followed, so a new entry replaces a symlink rather than writing through it;
+  followed, so a new entry replaces a symlink rather than writing through it (the guest
+  layer asks for one exception: a directory over a symlink to a directory keeps the link);
 - a hard link shares the inode of what its target names at that moment.
 
 Layers add the overlay rules: `.wh.NAME` deletes NAME from the layers below and
-`.wh..wh..opq` empties its directory of them. Whiteouts never follow symlinks.
+`.wh..wh..opq` empties its directory of them; what the layer itself adds stays, wherever
+its whiteouts come. Whiteouts never follow symlinks, and no `.wh.` name reaches the tree.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from .errors import BadInputError, show_name
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
+# aufs kept its own records under this prefix; Docker skips them, and so does the tree.
+AUFS_META_PREFIX = b".wh..wh."
 # Linux's own limit on symlinks followed while resolving one name.
 MAX_SYMLINK_HOPS = 40
 
@@ -64,14 +68,19 @@ class Inode:
 
 
 def split_name(name: bytes, *, archive: str, what: bytes | None = None) -> list[bytes]:
-    """Normalise an archive name into components; refuse names that climb out of the root."""
+    """Normalise an archive name into components; refuse names that climb out of the root.
+
+    `what` is the entry to blame when `name` is not its own name but its link target.
+    """
     parts: list[bytes] = []
     for part in name.split(b"/"):
         if part in (b"", b"."):
             continue
         if part == b"..":
             if not parts:
-                shown = show_name(what if what is not None else name)
+                shown = show_name(name)
+                if what is not None:  # the name is what the entry points at
+                    shown = f"{show_name(what)} points at {shown}, which"
                 raise BadInputError(
                     f"{archive}: entry {shown} climbs out of the root with '..'",
                     hint="remove that entry from the archive; nothing was written",
@@ -120,6 +129,12 @@ class Tree:
             if child is None:
                 if not create:
                     return None
+                if part.startswith(WHITEOUT_PREFIX):
+                    raise BadInputError(
+                        f"{archive}: entry {show_name(entry)} would need a directory named "
+                        f"{show_name(part)}, which is a whiteout name",
+                        hint="fix the symlink that leads there",
+                    )
                 child = Inode(Kind.DIR, 0o755, mtime=self.implicit_mtime, children={})
                 here.children[part] = child
                 self._touch([*(p for p, _ in stack), part])
@@ -129,6 +144,13 @@ class Tree:
                     raise BadInputError(
                         f"{archive}: entry {show_name(entry)}: too many levels of symlinks",
                         hint="the archive has a symlink loop",
+                    )
+                if not child.target:
+                    path = b"/".join([*(p for p, _ in stack), part])
+                    raise BadInputError(
+                        f"{archive}: entry {show_name(entry)} goes through {show_name(path)}, "
+                        "a symlink with an empty target",
+                        hint="Linux cannot follow such a link; fix it in the archive",
                     )
                 if child.target.startswith(b"/"):
                     stack = []
@@ -149,32 +171,67 @@ class Tree:
             for i in range(1, len(parts) + 1):
                 self._touched.add(b"/".join(parts[:i]))
 
-    def lookup(self, name: bytes, *, archive: str = "image") -> Inode | None:
-        """The inode a name refers to (parents followed, the last component not), or None."""
-        parts = split_name(name, archive=archive)
+    def lookup(
+        self, name: bytes, *, archive: str = "image", entry: bytes | None = None
+    ) -> Inode | None:
+        """The inode a name refers to (parents followed, the last component not), or None.
+
+        `entry` is the archive entry to name in errors, when it is not `name` itself.
+        """
+        parts = split_name(name, archive=archive, what=entry)
         if not parts:
             return self.root
-        found = self._resolve_dir(parts[:-1], archive=archive, entry=name, create=False)
+        found = self._resolve_dir(
+            parts[:-1], archive=archive, entry=name if entry is None else entry, create=False
+        )
         if found is None:
             return None
         children = found[1].children
         assert children is not None
         return children.get(parts[-1])
 
-    def resolve(self, name: bytes, *, archive: str = "image") -> bytes | None:
-        """The path a name lands at once symlinks in its parents are followed."""
-        parts = split_name(name, archive=archive)
-        if not parts:
-            return b""
-        found = self._resolve_dir(parts[:-1], archive=archive, entry=name, create=False)
-        if found is None:
-            return None
-        return b"/".join([*found[0], parts[-1]])
+    def follow(self, name: bytes) -> tuple[bytes, Inode] | None:
+        """Where a path ends as the kernel resolves it in the image: every symlink followed,
+        the last one too, and `..` at the root staying there. Returns the resolved path and
+        its inode, or None when something on the way is missing, is not a directory, or
+        loops."""
+        stack: list[tuple[bytes, Inode]] = []
+        todo = list(reversed(name.split(b"/")))
+        hops = 0
+        while todo:
+            part = todo.pop()
+            if part in (b"", b"."):
+                continue
+            if part == b"..":
+                if stack:
+                    stack.pop()
+                continue
+            here = stack[-1][1] if stack else self.root
+            child = here.children.get(part) if here.children is not None else None
+            if child is None:
+                return None
+            if child.kind is Kind.SYMLINK:
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS or not child.target:
+                    return None
+                if child.target.startswith(b"/"):
+                    stack = []
+                todo.extend(reversed(child.target.split(b"/")))
+                continue
+            stack.append((part, child))
+        return b"/".join(p for p, _ in stack), (stack[-1][1] if stack else self.root)
 
     # --- applying entries -------------------------------------------------------------
 
-    def add(self, entry: Entry, inode: Inode | None, *, archive: str) -> bytes:
-        """Apply one entry; `inode` is its new inode (None for hard links). Returns the path."""
+    def add(
+        self, entry: Entry, inode: Inode | None, *, archive: str, keep_dir_symlinks: bool = False
+    ) -> bytes:
+        """Apply one entry; `inode` is its new inode (None for hard links). Returns the path.
+
+        With `keep_dir_symlinks`, a directory entry whose name is a symlink goes where the
+        link leads, as if the link were that directory, instead of replacing the link (GNU
+        tar's --keep-directory-symlink): what the guest layer needs on a usr-merged base.
+        """
         parts = split_name(entry.name, archive=archive)
         if not parts:
             if entry.kind is Kind.DIR:
@@ -195,6 +252,14 @@ class Tree:
         assert children is not None
         leaf = parts[-1]
         existing = children.get(leaf)
+        over_link = existing is not None and existing.kind is Kind.SYMLINK
+        if keep_dir_symlinks and inode.is_dir and over_link:
+            resolved, existing = self._resolve_dir(  # type: ignore[misc]
+                parts, archive=archive, entry=entry.name, create=True
+            )
+            self._touch(resolved)
+            self._copy_meta(existing, inode)
+            return b"/".join(resolved)
         path = [*resolved, leaf]
         self._touch(path)
         if existing is not None and existing.is_dir and inode.is_dir and inode is not existing:
@@ -205,7 +270,9 @@ class Tree:
         return b"/".join(path)
 
     def _link_target(self, entry: Entry, archive: str) -> Inode:
-        target = self.lookup(entry.linkname, archive=archive) if entry.linkname else None
+        target = None
+        if entry.linkname:
+            target = self.lookup(entry.linkname, archive=archive, entry=entry.name)
         if target is None:
             raise BadInputError(
                 f"{archive}: hard link {show_name(entry.name)} points at "
@@ -242,26 +309,44 @@ class Tree:
         self._touched = set()
         try:
             for entry in entries:
-                base = entry.name.rstrip(b"/").rsplit(b"/", 1)[-1]
-                if base.startswith(WHITEOUT_PREFIX):
-                    self._whiteout(entry, base, archive)
+                parts = split_name(entry.name, archive=archive)
+                if parts and parts[0].startswith(AUFS_META_PREFIX) and parts[0] != OPAQUE_MARKER:
+                    continue  # aufs bookkeeping at the top (.wh..wh.plnk/...): not the tree
+                if any(part.startswith(WHITEOUT_PREFIX) for part in parts[:-1]):
+                    raise BadInputError(
+                        f"{archive}: entry {show_name(entry.name)} lies inside a whiteout",
+                        hint="a .wh. name marks a deletion and cannot hold entries; fix the layer",
+                    )
+                if parts and parts[-1].startswith(WHITEOUT_PREFIX):
+                    self._whiteout(parts)
                     continue
                 self.add(entry, inode_for(entry, fd=fd, archive=archive), archive=archive)
         finally:
             self._touched = None
 
-    def _whiteout(self, entry: Entry, base: bytes, archive: str) -> None:
+    def _whiteout(self, parts: list[bytes]) -> None:
         """Delete from the lower layers what a whiteout names, without following symlinks."""
-        parts = split_name(entry.name, archive=archive)
+        base = parts[-1]
         directory = self._lexical(parts[:-1])
         if directory is None or directory.children is None:
             return
+        path = b"/".join(parts[:-1])
         if base == OPAQUE_MARKER:
-            self._empty_lower(directory, b"/".join(parts[:-1]))
-        elif base.startswith(OPAQUE_MARKER[: len(b".wh..wh.")]):
-            return  # other aufs bookkeeping (.wh..wh..plnk and the like): not part of the tree
+            self._empty_lower(directory, path)
+        elif base.startswith(AUFS_META_PREFIX):
+            return  # other aufs bookkeeping (.wh..wh.plnk and the like): not part of the tree
         else:
-            directory.children.pop(base[len(WHITEOUT_PREFIX) :], None)
+            name = base[len(WHITEOUT_PREFIX) :]
+            victim = directory.children.get(name)
+            child_path = path + b"/" + name if path else name
+            assert self._touched is not None
+            if victim is None:
+                return
+            if child_path not in self._touched:
+                del directory.children[name]
+            elif victim.is_dir:
+                # This layer put things in it too: those stay, the lower ones go.
+                self._empty_lower(victim, child_path)
 
     def _lexical(self, parts: list[bytes]) -> Inode | None:
         node = self.root

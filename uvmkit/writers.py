@@ -21,6 +21,11 @@ from .tree import Blob, Inode
 
 COPY_CHUNK = 1 << 20
 NEWC_MAX = 0xFFFFFFFF
+# The kernel's initramfs unpacker skips, without a word, names and symlink targets that
+# do not fit PATH_MAX (4096, its NUL included), and cannot create a component longer than
+# NAME_MAX: such an entry would be in initrd.img but never in the booted guest.
+KERNEL_PATH_MAX = 4095
+KERNEL_NAME_MAX = 255
 _MODE_BITS = {
     Kind.FILE: stat.S_IFREG,
     Kind.DIR: stat.S_IFDIR,
@@ -94,7 +99,8 @@ def plan(entries: Sequence[tuple[bytes, Inode]], *, source_date_epoch: int) -> l
 
 
 def check_newc_limits(planned: Sequence[Planned], *, artifact: str = "initrd.img") -> None:
-    """Refuse, before anything is written, what a newc archive cannot hold."""
+    """Refuse, before anything is written, what a newc archive cannot hold or the kernel
+    would not unpack from it."""
     if len(planned) >= NEWC_MAX:
         raise FormatLimitError(
             f"{artifact}: {len(planned)} entries exceed what newc cpio can number",
@@ -108,9 +114,34 @@ def check_newc_limits(planned: Sequence[Planned], *, artifact: str = "initrd.img
                 "under 4 GiB",
                 hint="remove or split that file in the base (rootfs.tar.gz can carry it)",
             )
-        for what, value in (("uid", inode.uid), ("gid", inode.gid)):
-            if value > NEWC_MAX:
-                raise FormatLimitError(f"{artifact}: {show_name(p.path)} has {what} {value}")
+        numbers = (("uid", inode.uid), ("gid", inode.gid), ("device major", inode.rdev[0]),
+                   ("device minor", inode.rdev[1]))  # fmt: skip
+        for what, value in numbers:
+            if not 0 <= value <= NEWC_MAX:
+                raise FormatLimitError(
+                    f"{artifact}: {show_name(p.path)} has {what} {value}, more than newc cpio "
+                    "holds",
+                    hint="fix the owner or device number in the base",
+                )
+        _check_kernel_names(p, artifact)
+
+
+def _check_kernel_names(p: Planned, artifact: str) -> None:
+    longest = max(len(part) for part in p.path.split(b"/"))
+    if len(p.path) > KERNEL_PATH_MAX or longest > KERNEL_NAME_MAX:
+        shown = show_name(p.path) if len(p.path) <= 120 else show_name(p.path[:80]) + "..."
+        raise FormatLimitError(
+            f"{artifact}: the name {shown} is {len(p.path)} bytes long, with a component of "
+            f"{longest}; the kernel unpacks names of at most {KERNEL_PATH_MAX} bytes, "
+            f"components of at most {KERNEL_NAME_MAX}",
+            hint="shorten that name in the base (rootfs.tar.gz can carry it)",
+        )
+    if p.inode.kind is Kind.SYMLINK and len(p.inode.target) > KERNEL_PATH_MAX:
+        raise FormatLimitError(
+            f"{artifact}: symlink {show_name(p.path)} has a target of {len(p.inode.target)} "
+            f"bytes; the kernel unpacks targets of at most {KERNEL_PATH_MAX}",
+            hint="shorten that link in the base (rootfs.tar.gz can carry it)",
+        )
 
 
 def xattr_losses(planned: Sequence[Planned]) -> list[str]:
@@ -197,6 +228,11 @@ def _octal(value: int, width: int) -> bytes | None:
     return text.rjust(width - 1, b"0") + b"\0"
 
 
+def _base256(value: int, width: int) -> bytes:
+    """GNU's binary number field: a marker bit, then the value big-endian."""
+    return (value | 1 << (8 * width - 1)).to_bytes(width, "big")
+
+
 def _pax_record(key: bytes, value: bytes) -> bytes:
     # The length counts its own digits, so it is found by trying.
     body = b" " + key + b"=" + value + b"\n"
@@ -207,10 +243,14 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
 
 
 def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
-    """(prefix, name) fitting ustar's 155 + 100 bytes, or None."""
+    """(prefix, name) fitting ustar's 155 + 100 bytes, or None.
+
+    The name part is never empty: a directory's trailing slash stays with it, as GNU tar
+    keeps it, so that a reader looking at the name field alone still sees a name.
+    """
     if len(name) <= 100:
         return b"", name
-    cut = name.rfind(b"/", 0, 156)
+    cut = name.rfind(b"/", 0, min(156, len(name) - 1))
     while cut > 0:
         if len(name) - cut - 1 <= 100:
             return name[:cut], name[cut + 1 :]
@@ -301,8 +341,10 @@ def _ustar_block(
     block[156:157] = flag
     block[157 : 157 + len(linkname)] = linkname
     block[257:265] = b"ustar\x0000"
-    block[329:337] = _octal(rdev[0], 8) or b"0000000\0"
-    block[337:345] = _octal(rdev[1], 8) or b"0000000\0"
+    # Device numbers past 7 octal digits go in GNU's base-256 form, which GNU tar, libarchive
+    # and Python read in any numeric field; PAX has no standard record for them.
+    block[329:337] = _octal(rdev[0], 8) or _base256(rdev[0], 8)
+    block[337:345] = _octal(rdev[1], 8) or _base256(rdev[1], 8)
     block[345 : 345 + len(prefix)] = prefix
     block[148:156] = b"%06o\0 " % sum(block)
     return bytes(block)
