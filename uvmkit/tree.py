@@ -110,8 +110,30 @@ class Tree:
         """Walk to the directory `parts` names, following symlinks inside the image.
 
         Returns the resolved path and the directory, or None when something is missing
-        and `create` is off. Missing directories are made when `create` is on.
+        and `create` is off. Missing directories are made when `create` is on. A loop, an
+        empty link target or a file used as a directory is an error naming `entry`.
         """
+        return self._walk(parts, create=create, dirs_only=True, blame=(archive, entry))
+
+    def _walk(
+        self,
+        parts: list[bytes],
+        *,
+        create: bool,
+        dirs_only: bool,
+        blame: tuple[str, bytes] | None,
+    ) -> tuple[list[bytes], Inode] | None:
+        """The one walk behind `_resolve_dir` and `follow`.
+
+        Symlinks are followed wherever they are met, an absolute target or `..` at the
+        root staying inside the image. With `dirs_only`, the end must be a directory too.
+        `blame` names the archive and entry for errors; without it, any problem is None.
+        """
+
+        def problem(message: str, hint: str) -> None:
+            if blame is not None:
+                raise BadInputError(f"{blame[0]}: entry {show_name(blame[1])}{message}", hint=hint)
+
         stack: list[tuple[bytes, Inode]] = []  # resolved components and their inodes
         todo = list(reversed(parts))
         hops = 0
@@ -124,16 +146,17 @@ class Tree:
                     stack.pop()
                 continue
             here = stack[-1][1] if stack else self.root
-            assert here.children is not None
+            if here.children is None:
+                return None  # a file in the middle of a name that `follow` was given
             child = here.children.get(part)
             if child is None:
                 if not create:
                     return None
                 if part.startswith(WHITEOUT_PREFIX):
-                    raise BadInputError(
-                        f"{archive}: entry {show_name(entry)} would need a directory named "
-                        f"{show_name(part)}, which is a whiteout name",
-                        hint="fix the symlink that leads there",
+                    problem(
+                        f" would need a directory named {show_name(part)}, which is a "
+                        "whiteout name",
+                        "fix the symlink that leads there",
                     )
                 child = Inode(Kind.DIR, 0o755, mtime=self.implicit_mtime, children={})
                 here.children[part] = child
@@ -141,28 +164,26 @@ class Tree:
             if child.kind is Kind.SYMLINK:
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
-                    raise BadInputError(
-                        f"{archive}: entry {show_name(entry)}: too many levels of symlinks",
-                        hint="the archive has a symlink loop",
-                    )
+                    problem(": too many levels of symlinks", "the archive has a symlink loop")
+                    return None
                 if not child.target:
                     path = b"/".join([*(p for p, _ in stack), part])
-                    raise BadInputError(
-                        f"{archive}: entry {show_name(entry)} goes through {show_name(path)}, "
-                        "a symlink with an empty target",
-                        hint="Linux cannot follow such a link; fix it in the archive",
+                    problem(
+                        f" goes through {show_name(path)}, a symlink with an empty target",
+                        "Linux cannot follow such a link; fix it in the archive",
                     )
+                    return None
                 if child.target.startswith(b"/"):
                     stack = []
                 todo.extend(reversed(child.target.split(b"/")))
                 continue
-            if not child.is_dir:
+            if not child.is_dir and dirs_only:
                 path = b"/".join([*(p for p, _ in stack), part])
-                raise BadInputError(
-                    f"{archive}: entry {show_name(entry)} needs {show_name(path)} to be a "
-                    f"directory, but it is a {child.kind.value}",
-                    hint="fix the archive so that no file is used as a directory",
+                problem(
+                    f" needs {show_name(path)} to be a directory, but it is a {child.kind.value}",
+                    "fix the archive so that no file is used as a directory",
                 )
+                return None
             stack.append((part, child))
         return [p for p, _ in stack], (stack[-1][1] if stack else self.root)
 
@@ -195,31 +216,10 @@ class Tree:
         the last one too, and `..` at the root staying there. Returns the resolved path and
         its inode, or None when something on the way is missing, is not a directory, or
         loops."""
-        stack: list[tuple[bytes, Inode]] = []
-        todo = list(reversed(name.split(b"/")))
-        hops = 0
-        while todo:
-            part = todo.pop()
-            if part in (b"", b"."):
-                continue
-            if part == b"..":
-                if stack:
-                    stack.pop()
-                continue
-            here = stack[-1][1] if stack else self.root
-            child = here.children.get(part) if here.children is not None else None
-            if child is None:
-                return None
-            if child.kind is Kind.SYMLINK:
-                hops += 1
-                if hops > MAX_SYMLINK_HOPS or not child.target:
-                    return None
-                if child.target.startswith(b"/"):
-                    stack = []
-                todo.extend(reversed(child.target.split(b"/")))
-                continue
-            stack.append((part, child))
-        return b"/".join(p for p, _ in stack), (stack[-1][1] if stack else self.root)
+        found = self._walk(name.split(b"/"), create=False, dirs_only=False, blame=None)
+        if found is None:
+            return None
+        return b"/".join(found[0]), found[1]
 
     # --- applying entries -------------------------------------------------------------
 
