@@ -1,6 +1,6 @@
 """The machine-side services uvmkit needs: a Docker engine, seeded base images, a registry.
 
-./setup.sh calls these through `python -m uvmkit.services engine|seed|seed-test|registry`;
+./setup.sh calls these through `python -m uvmkit.services engine|host|seed|seed-test|registry`;
 the tests call them as functions. Everything here works offline: base images come from
 Debian packages on this machine, never from a public registry.
 """
@@ -481,11 +481,12 @@ def _wait_for_registry(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m uvmkit.services engine|seed|seed-test|registry`, for setup.sh and humans."""
+    """`python -m uvmkit.services engine|host|seed|...`, for setup.sh and humans."""
     parser = argparse.ArgumentParser(prog="python -m uvmkit.services", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show commands and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("engine", help="make sure a Docker engine answers; start a private one")
+    sub.add_parser("host", help="print the address of the engine that answers, for DOCKER_HOST")
     seed = sub.add_parser("seed", help="make sure the default base image is in the engine")
     seed.add_argument(
         "--base", default=DEFAULT_BASE, help=f"image to seed (default {DEFAULT_BASE})"
@@ -498,6 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "engine":
             ensure_engine()
+        elif args.command == "host":
+            print(engine.engine_url(engine.connect()))
         elif args.command == "seed":
             ensure_default_base(engine.connect(), args.base)
         elif args.command == "seed-test":
