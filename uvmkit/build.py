@@ -35,6 +35,7 @@ from .config import TEMPLATES_DIR, BuildConfig, Compression, InitChoice, default
 from .errors import BadInputError, ToolError, UvmkitError, show_name
 from .inits import check_init
 from .log import human_size, log, progress, step
+from .segments import Output, SegmentStore, layer_identity, split_runs, write_in_runs
 from .tree import Inode, Tree
 from .writers import (
     NewcWriter,
@@ -87,7 +88,10 @@ class BuildContext:
     written: list[str] = field(default_factory=list)
     # sha256 of each artifact, taken as it was written.
     hashes: dict[str, str] = field(default_factory=dict)
+    # The base's layer files as opened for reading file data, and which file each is.
     fds: list[int] = field(default_factory=list)
+    layer_ids: dict[int, str] = field(default_factory=dict)
+    segments: SegmentStore | None = None
 
     @property
     def manifest_wanted(self) -> bool:
@@ -281,6 +285,7 @@ def merge_base(ctx: BuildContext) -> None:
                 # File data is read through this fd when the artifacts are written.
                 fd = os.open(layer.path, os.O_RDONLY | os.O_CLOEXEC)
                 ctx.fds.append(fd)
+                ctx.layer_ids[fd] = layer_identity(layer.path)
                 tree.apply_layer(entries, fd=fd, archive=layer.name)
     ctx.tree = tree
 
@@ -480,25 +485,30 @@ def _write_pass(
                                   ("base.tar", base)) if wanted]  # fmt: skip
     title = " and ".join(names)
     with contextlib.ExitStack() as stack:
-        newc = tar = None
+        outputs = []
         if initrd:
             sink = stack.enter_context(
                 _artifact(ctx, "initrd.img", config.compression, config.initrd_level)
             )
-            newc = NewcWriter(sink)
+            outputs.append(Output(NewcWriter(sink), sink, "initrd.img", config.initrd_level))
         if rootfs:
             sink = stack.enter_context(
                 _artifact(ctx, "rootfs.tar.gz", Compression.GZIP, config.gzip_level)
             )
-            tar = TarWriter(sink)
+            outputs.append(Output(TarWriter(sink), sink, "rootfs.tar.gz", config.gzip_level))
         if base:
             sink = stack.enter_context(_artifact(ctx, "base.tar", Compression.NONE, 0))
-            tar = TarWriter(sink)
+            outputs.append(Output(TarWriter(sink), sink, "base.tar", 0))
+        guest_paths = frozenset(path for path, _ in ctx.delta)
+        runs = split_runs(planned, guest_paths, layers=ctx.layer_ids,
+                          salt=f"{__version__}:{_code_hash()}")  # fmt: skip
+        if config.use_cache and ctx.segments is None:
+            ctx.segments = SegmentStore(ctx.cache)
         start = time.monotonic()
         with progress(total=total, desc=title) as bar:
-            write_archives(planned, newc=newc, tar=tar, progress=bar.update)
-        log.debug("%s: %d entries, %s of file data in %.1f s", title, len(planned),
-                  human_size(total), time.monotonic() - start)  # fmt: skip
+            write_in_runs(runs, outputs, store=ctx.segments, progress=bar.update)
+        log.debug("%s: %d entries in %d run(s), %s of file data in %.1f s", title, len(planned),
+                  len(runs), human_size(total), time.monotonic() - start)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -577,6 +587,8 @@ def store_in_cache(ctx: BuildContext) -> None:
             return
         for name in ctx.written:
             _copy(ctx.work / name, tmp / name)
+    if ctx.segments is not None:
+        ctx.segments.record(ctx.key)
 
 
 def publish(ctx: BuildContext, names: Sequence[str]) -> None:

@@ -2,21 +2,54 @@
 
 Every stream is deterministic: the same bytes in give the same bytes out, however they
 were split into writes. gzip output is a plain single-member gzip file with no name and a
-zero time in its header (gunzip and the kernel read it); it is cut into fixed blocks that
-worker threads compress while the caller goes on producing.
+zero time in its header (gunzip and the kernel read it). It is cut into fixed blocks that
+worker threads compress while the caller goes on producing; each block is compressed with
+the one before it as a dictionary, so the ratio stays within a fraction of a percent of
+one deflate stream.
+
+A gzip stream can also be cut into *segments*: at a cut the dictionary is dropped, so the
+compressed bytes of what follows depend on nothing before it. A segment compressed once
+can then be spliced, byte for byte, into another stream at a cut. This is how a rebuild
+after a change to the guest layer reuses the compressed base (see `segments.py`).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import errno
+import hashlib
+import struct
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from .config import Compression
 
 # Both cores: the writer thread and the compressors outrun a single core by far.
 THREADS = 2
-# Blocks are compressed independently but with the previous block as a dictionary, so
-# the ratio stays within a fraction of a percent of a single deflate stream.
 GZIP_BLOCK = 1 << 20
+# Deflate looks back at most 32 KiB, so that much of a block is all the next one needs.
+DEFLATE_WINDOW = 32 * 1024
+# Magic, deflate, no flags, no time, no extra flags, OS "unknown": nothing of the host.
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+# An empty fixed-Huffman block with the final bit set ends the deflate stream.
+DEFLATE_END = b"\x03\x00"
+SPLICE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of a gzip file's deflate data that starts and ends at a cut.
+
+    `offset` and `length` are in the compressed file; `size` and `crc` describe what the
+    run decompresses to; `sha256` is of the compressed bytes, to check a copy before use.
+    """
+
+    offset: int
+    length: int
+    size: int
+    crc: int
+    sha256: str
 
 
 class CompressedWriter:
@@ -27,19 +60,14 @@ class CompressedWriter:
         self.raw = raw
         self.written = 0
         self._buffer = bytearray()
-        self._stream: BinaryIO | None
+        self._gzip: GzipStream | None = None
+        self._stream: BinaryIO | None = None
         # Imported here: a build that finds its artifacts up to date never compresses.
         if compression is Compression.GZIP:
-            from isal import igzip_threaded
-
-            self._block = GZIP_BLOCK
-            self._stream = igzip_threaded.open(  # type: ignore[no-untyped-call]
-                raw, "wb", compresslevel=level, threads=THREADS, block_size=GZIP_BLOCK
-            )
+            self._gzip = GzipStream(raw, level)
         elif compression is Compression.ZSTD:
             import zstandard
 
-            self._block = 0
             # Multi-threaded zstd output is deterministic for a level and thread count;
             # the checksum lets `zstd -t` verify the file.
             params = zstandard.ZstdCompressionParameters.from_level(
@@ -47,32 +75,58 @@ class CompressedWriter:
             )
             compressor = zstandard.ZstdCompressor(compression_params=params)
             self._stream = compressor.stream_writer(raw, closefd=False)
-        else:
-            self._block = 0
-            self._stream = None
+
+    @property
+    def splices(self) -> bool:
+        """True when segments can be cut from and spliced into this stream (gzip)."""
+        return self._gzip is not None
 
     def write(self, data: bytes | memoryview, /) -> int:
         self.written += len(data)
-        if self._stream is None:
-            return self.raw.write(data)
-        if not self._block:
-            return self._stream.write(data)
+        if self._gzip is None:
+            return (self._stream or self.raw).write(data)
         # Regroup into fixed blocks, so the block boundaries (and with them the
         # compressed bytes) depend only on the data, never on how it was written.
         self._buffer += data
-        if len(self._buffer) >= self._block:
-            full = len(self._buffer) - len(self._buffer) % self._block
+        if len(self._buffer) >= GZIP_BLOCK:
+            full = len(self._buffer) - len(self._buffer) % GZIP_BLOCK
             with memoryview(self._buffer) as view:
-                for start in range(0, full, self._block):
-                    self._stream.write(view[start : start + self._block])
+                for start in range(0, full, GZIP_BLOCK):
+                    self._gzip.add_block(bytes(view[start : start + GZIP_BLOCK]))
             del self._buffer[:full]
         return len(data)
+
+    def cut(self) -> Segment | None:
+        """End the current segment here and return it; None for zstd and no compression,
+        which are never cut (a cut there would change nothing worth keeping)."""
+        if self._gzip is None:
+            return None
+        self._flush_buffer()
+        return self._gzip.cut()
+
+    def splice(self, source: BinaryIO, segment: Segment) -> None:
+        """Append a segment that another gzip stream cut, read from `source`.
+
+        Call it right after a cut. The segment must have been compressed at this stream's
+        level from the bytes that belong here; checking that is the caller's part.
+        """
+        assert self._gzip is not None and not self._buffer
+        self._gzip.splice(source, segment)
+        self.written += segment.size
+
+    def _flush_buffer(self) -> None:
+        if self._buffer:
+            assert self._gzip is not None
+            self._gzip.add_block(bytes(self._buffer))
+            self._buffer.clear()
 
     def abort(self) -> None:
         """Stop after a failure: end the worker threads and close the file, quietly."""
         self._buffer.clear()
         try:
-            if self._stream is not None:
+            if self._gzip is not None:
+                self._gzip.abort()
+            elif self._stream is not None:
                 self._stream.close()
         except Exception:
             pass  # the failure that brought us here is the one the user must see
@@ -82,10 +136,128 @@ class CompressedWriter:
     def close(self) -> None:
         """Finish the stream and close the file."""
         try:
-            if self._stream is not None:
-                if self._buffer:
-                    self._stream.write(bytes(self._buffer))
-                    self._buffer.clear()
+            if self._gzip is not None:
+                self._flush_buffer()
+                self._gzip.close()
+            elif self._stream is not None:
                 self._stream.close()
         finally:
             self.raw.close()
+
+
+def _deflate_block(level: int, block: bytes, dictionary: bytes) -> tuple[bytes, int]:
+    """One block as raw deflate ending on a byte boundary (a sync flush), and its crc32."""
+    from isal import isal_zlib
+
+    if dictionary:
+        compressor = isal_zlib.compressobj(
+            level, isal_zlib.DEFLATED, -15, 9, isal_zlib.Z_DEFAULT_STRATEGY, dictionary
+        )
+    else:
+        compressor = isal_zlib.compressobj(level, isal_zlib.DEFLATED, -15)
+    data = compressor.compress(block) + compressor.flush(isal_zlib.Z_SYNC_FLUSH)
+    return data, isal_zlib.crc32(block)
+
+
+class GzipStream:
+    """A single-member gzip file written from whole blocks, compressed on worker threads.
+
+    Blocks are compressed in parallel and written in order; a bounded queue keeps memory
+    to a few blocks whatever the input's size.
+    """
+
+    def __init__(self, raw: BinaryIO, level: int, *, threads: int = THREADS) -> None:
+        self._raw = raw
+        self._level = level
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, "uvmkit-gzip")
+        self._max_pending = 2 * threads
+        self._pending: collections.deque[tuple[concurrent.futures.Future[tuple[bytes, int]],
+                                               int]] = collections.deque()  # fmt: skip
+        self._dictionary = b""
+        # The whole stream so far, and the segment since the last cut.
+        self._crc = 0
+        self._size = 0
+        self._offset = 0
+        self._segment_start = 0
+        self._segment_crc = 0
+        self._segment_size = 0
+        self._segment_hash = hashlib.sha256()
+        self._emit(GZIP_HEADER)
+        self._start_segment()
+
+    def add_block(self, block: bytes) -> None:
+        """Queue one block; all but the last of a segment must be GZIP_BLOCK long."""
+        future = self._pool.submit(_deflate_block, self._level, block, self._dictionary)
+        self._pending.append((future, len(block)))
+        self._dictionary = block[-DEFLATE_WINDOW:]
+        self._drain(self._max_pending)
+
+    def cut(self) -> Segment:
+        """Write out everything queued, drop the dictionary, and return the segment."""
+        self._drain(0)
+        segment = Segment(
+            offset=self._segment_start,
+            length=self._offset - self._segment_start,
+            size=self._segment_size,
+            crc=self._segment_crc,
+            sha256=self._segment_hash.hexdigest(),
+        )
+        self._dictionary = b""
+        self._start_segment()
+        return segment
+
+    def splice(self, source: BinaryIO, segment: Segment) -> None:
+        """Copy a segment's compressed bytes from `source` (at a cut) into this stream."""
+        from isal import isal_zlib
+
+        self._drain(0)
+        assert not self._dictionary, "a segment is spliced only at a cut"
+        source.seek(segment.offset)
+        left = segment.length
+        while left:
+            chunk = source.read(min(left, SPLICE_CHUNK))
+            if not chunk:
+                name = getattr(source, "name", None)
+                raise OSError(errno.EIO, "a cached segment ended early", name)
+            self._emit(chunk)
+            left -= len(chunk)
+        self._crc = isal_zlib.crc32_combine(self._crc, segment.crc, segment.size)
+        self._size += segment.size
+        self._start_segment()
+
+    def close(self) -> None:
+        """Finish the deflate stream and write the gzip trailer."""
+        self._drain(0)
+        self._pool.shutdown()
+        self._emit(DEFLATE_END)
+        self._raw.write(struct.pack("<II", self._crc, self._size & 0xFFFFFFFF))
+
+    def abort(self) -> None:
+        """Drop queued work and stop the threads; the file is left incomplete."""
+        for future, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(cancel_futures=True)
+
+    def _drain(self, keep: int) -> None:
+        from isal import isal_zlib
+
+        while len(self._pending) > keep:
+            future, size = self._pending.popleft()
+            data, crc = future.result()
+            self._emit(data)
+            self._segment_hash.update(data)
+            self._crc = isal_zlib.crc32_combine(self._crc, crc, size)
+            self._segment_crc = isal_zlib.crc32_combine(self._segment_crc, crc, size)
+            self._size += size
+            self._segment_size += size
+
+    def _emit(self, data: bytes) -> None:
+        self._raw.write(data)
+        self._offset += len(data)
+
+    def _start_segment(self) -> None:
+        self._segment_start = self._offset
+        self._segment_crc = 0
+        self._segment_size = 0
+        self._segment_hash = hashlib.sha256()

@@ -431,7 +431,23 @@ def write_archives(
     tar: TarWriter | None,
     progress: Callable[[int], object] | None = None,
 ) -> None:
-    """Write every planned entry to the newc and tar writers given, reading data once.
+    """Write every planned entry to the newc and tar writers given, reading data once,
+    and end both archives."""
+    write_entries(planned, newc=newc, tar=tar, progress=progress)
+    for writer in (newc, tar):
+        if writer is not None:
+            writer.finish()
+    log.debug("wrote %d entries", len(planned))
+
+
+def write_entries(
+    planned: Sequence[Planned],
+    *,
+    newc: NewcWriter | None,
+    tar: TarWriter | None,
+    progress: Callable[[int], object] | None = None,
+) -> None:
+    """Write planned entries to the writers given, each file's data read once.
 
     `progress` is called with the size of each regular file as it is done.
     """
@@ -447,7 +463,3 @@ def write_archives(
                 out.end_data()
             if progress is not None:
                 progress(p.inode.size)
-    for writer in (newc, tar):
-        if writer is not None:
-            writer.finish()
-    log.debug("wrote %d entries", len(planned))
