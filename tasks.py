@@ -47,8 +47,8 @@ def friendly(func: F) -> F:
             if exc.hint:
                 print(f"  hint: {exc.hint}", file=sys.stderr)
             raise Exit(code=1) from None
-        except KeyboardInterrupt:
-            log.error("interrupted; no artifact was changed")
+        except KeyboardInterrupt as exc:
+            log.error("%s", getattr(exc, "message", "interrupted"))
             raise Exit(code=130) from None
         except Exit:
             raise
@@ -64,12 +64,14 @@ def friendly(func: F) -> F:
 
 BUILD_HELP = {
     "image": "recipe: a name under images/ (default: default), or a path to a .toml file",
-    "base": "base image reference or archive path; overrides the recipe's base",
+    "base": "overrides the recipe's base: a path when something exists there or it starts "
+    "with / ./ ../ ~ (tar, cpio, docker save archive, OCI layout), else a Docker image",
     "out": "directory to write the artifacts into (default: out/)",
     "compression": "initrd.img compression: gzip (default), zstd or none",
     "level": "compression level (gzip 0-3, default 3; zstd 1-19, default 3)",
-    "platform": "platform to pick from a multi-platform OCI index (default linux/amd64)",
-    "no_cache": "ignore the build cache and build everything again",
+    "platform": "OS/ARCH the base must be for; picks from a multi-platform OCI index "
+    "(default linux/amd64)",
+    "no_cache": "ignore the build cache and out/'s earlier build; build everything again",
 }
 
 
@@ -188,8 +190,8 @@ def clean(c: Context, out: str = "out", cache: bool = False) -> None:
     help={
         "out": "directory the boot files are in (default: out/)",
         "kernel": "kernel to boot (default: the recipe's, else the newest /boot/vmlinuz-*)",
-        "exec": "command to run in the guest, split as a shell would; its exit status (128+N "
-        "for signal N) becomes ours; without it, a smoke check runs",
+        "exec": "command to run in the guest, split as a shell would, with an empty stdin; its "
+        "exit status (128+N for signal N) becomes ours; without it, a smoke check runs",
         "timeout": "seconds to wait for the guest agent to answer (default 60); the command "
         "itself may run longer",
         "accel": "auto, kvm or tcg; auto uses KVM only when it really works",

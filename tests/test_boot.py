@@ -125,6 +125,7 @@ def test_init_that_exits_fails_fast_with_the_cause(
     tmp_path: Path, kernel: Path, guest_build: GuestBuild, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_test_initrd(tmp_path, init=EXITING_INIT, agent=guest_build.agent_path)
+    (tmp_path / "console.log").write_text("a stale line from an earlier boot\n")
     options = BootOptions(out_dir=tmp_path, kernel=kernel, accel=qemu.Accel.TCG, timeout=60)
     start = time.monotonic()
 
@@ -142,6 +143,8 @@ def test_init_that_exits_fails_fast_with_the_cause(
     assert "--- console up to line" in tail
     assert "  test init exiting now\n" in tail
     assert "more lines: the panic's backtrace" in tail
+    assert "stale line" not in tail
+    assert "stale line" not in (tmp_path / "console.log").read_text()
 
 
 def test_agent_that_never_answers_times_out(image: Path, kernel: Path) -> None:
@@ -175,3 +178,31 @@ def test_bad_options_are_one_line_errors(tmp_path: Path, kernel: Path) -> None:
     assert unbalanced.stderr.startswith('error: --exec "sh -c \'exit 7": No closing quotation')
     assert accel.returncode == 1
     assert accel.stderr == "error: --accel 'fast' is not one of auto, kvm, tcg\n"
+
+
+def test_a_file_that_is_no_kernel_is_refused_before_qemu(image: Path, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a kernel\n" * 100)
+    empty = tmp_path / "empty"
+    empty.touch()
+
+    for bad in (text, empty):
+        result = invoke_boot(image, bad, accel="auto")
+
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
+            f"error: kernel {bad} is not an x86 Linux kernel image (no bzImage header)",
+            "  hint: check --kernel",
+        ]
+
+
+def test_kvm_needs_a_cpu_flag(tmp_path: Path) -> None:
+    without = tmp_path / "without"
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 hypervisor\n")
+    with_vmx = tmp_path / "with"
+    with_vmx.write_text("processor\t: 0\nflags\t\t: fpu vmx sse2\n")
+
+    assert qemu.cpu_virtualisation_problem(str(without)) == (
+        "the CPU offers no hardware virtualisation (no vmx or svm flag)"
+    )
+    assert qemu.cpu_virtualisation_problem(str(with_vmx)) is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import io
 import json
 import os
@@ -163,6 +165,29 @@ def test_two_clones_build_identical_bytes(busybox_image: str, tmp_path: Path) ->
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
+def test_exports_made_at_different_times_build_identical_bytes(
+    busybox_image: str, engine: docker.DockerClient, tmp_path: Path
+) -> None:
+    # A SOURCE_DATE_EPOCH later than both exports: clamping hides nothing. The engine
+    # stamps the directories its init layer touches (dev/, etc/) with the container's
+    # creation time; each build exports afresh, a second apart.
+    env = _env(tmp_path, SOURCE_DATE_EPOCH="4000000000")
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        result = invoke("build-all", "--no-cache", "--base", busybox_image, "--out", str(out),
+                        env=env)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        time.sleep(1.1)
+
+    for name in ARTIFACTS:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    created = engine.images.get(busybox_image).attrs["Created"][:19]
+    image_time = int(datetime.datetime.fromisoformat(created + "+00:00").timestamp())
+    with tarfile.open(outs[0] / "rootfs.tar.gz") as tar:
+        for name in ("dev", "etc"):
+            assert tar.getmember(name).mtime <= image_time, name
+
+
 def test_unchanged_rebuild_is_a_no_op_and_cache_serves_other_outs(
     busybox_image: str, tmp_path: Path
 ) -> None:
@@ -268,7 +293,8 @@ def test_missing_image_is_one_line_and_nothing_written(tmp_path: Path) -> None:
     result = invoke("build-all", "--base", "uvmkit-test/none:404", "--out", str(out),
                     env=_env(tmp_path))  # fmt: skip
     _assert_clean_failure(result, "uvmkit-test/none:404", "hint:")
-    assert list(out.iterdir()) == []
+    # The build made out/ itself, so it takes it away again, empty as it was.
+    assert not out.exists()
 
 
 def test_unreachable_engine_names_it(tmp_path: Path) -> None:
@@ -291,6 +317,56 @@ def test_unreadable_base_file(tmp_path: Path) -> None:
     result = invoke("build-all", "--base", str(base), "--out", str(tmp_path / "out"),
                     env=_env(tmp_path))  # fmt: skip
     _assert_clean_failure(result, str(base), "not a tar, cpio, gzip or zstd archive")
+
+
+def test_malformed_reference_is_blamed_on_the_reference(tmp_path: Path) -> None:
+    result = invoke("build-all", "--base", "Bad Ref!!", "--out", str(tmp_path / "out"),
+                    env=_env(tmp_path))  # fmt: skip
+    _assert_clean_failure(result, "'Bad Ref!!' is not a valid image reference", "NAME[:TAG]")
+    assert "DOCKER_HOST" not in result.stderr
+
+
+def test_plain_directory_base_says_what_to_pass(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    result = invoke("build-all", "--base", str(tree), "--out", str(tmp_path / "out"),
+                    env=_env(tmp_path))  # fmt: skip
+    _assert_clean_failure(result, "not an OCI image layout (it has no index.json)", "tar -C")
+
+
+def test_image_of_another_platform_is_refused(engine: docker.DockerClient, tmp_path: Path) -> None:
+    # `docker load` of a one-layer arm64 image: the engine then reports that architecture.
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        info = tarfile.TarInfo("etc")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    diff_id = "sha256:" + hashlib.sha256(layer.getvalue()).hexdigest()
+    config = json.dumps({"architecture": "arm64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()  # fmt: skip
+    ref = "uvmkit-test/arm64:latest"
+    manifest = json.dumps([{"Config": "config.json", "RepoTags": [ref], "Layers": ["l.tar"]}])
+    saved = io.BytesIO()
+    with tarfile.open(fileobj=saved, mode="w") as tar:
+        for name, data in (("config.json", config), ("l.tar", layer.getvalue()),
+                           ("manifest.json", manifest.encode())):  # fmt: skip
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    engine.images.load(saved.getvalue())
+    assert engine.images.get(ref).attrs["Architecture"] == "arm64"
+    try:
+        default = invoke("build-all", "--base", ref, "--out", str(tmp_path / "a"),
+                         env=_env(tmp_path))  # fmt: skip
+        bogus = invoke("build-all", "--base", ref, "--platform", "arm64", "--out",
+                       str(tmp_path / "b"), env=_env(tmp_path))  # fmt: skip
+    finally:
+        engine.images.remove(ref, force=True)
+
+    _assert_clean_failure(default, f"image {ref} is for linux/arm64, not linux/amd64",
+                          "--platform linux/arm64")  # fmt: skip
+    _assert_clean_failure(bogus, "platform 'arm64' is not OS/ARCH")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_missing_compiler(busybox_build: Path, tmp_path: Path) -> None:
@@ -354,3 +430,48 @@ def test_ctrl_c_leaves_nothing_behind(
     assert sorted(p.name for p in out.iterdir()) == ["initrd.img"]
     assert (out / "initrd.img").read_bytes() == b"the previous initrd"
     assert _labelled_containers(engine) == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_any_moment_leaves_one_whole_build(
+    busybox_image: str, debian_image: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    env = _env(tmp_path)
+    first = invoke("build-all", "--base", busybox_image, "--out", str(out), env=env)
+    assert first.returncode == 0, first.stderr
+    argv = [sys.executable, "-m", "invoke", "build-all", "--no-cache", "--base", debian_image,
+            "--out", str(out)]  # fmt: skip
+    start = time.monotonic()
+    whole = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    duration = time.monotonic() - start
+    first = invoke("build-all", "--base", busybox_image, "--out", str(out), env=env)
+    assert first.returncode == 0, first.stderr
+
+    # Signals spread over the whole build, the last ones around the publishing at its end.
+    for fraction in (0.2, 0.5, 0.8, 0.9, 0.95, 1.0, 1.05):
+        before = (out / "manifest.json").read_text()
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(duration * fraction)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+
+        assert proc.returncode in (0, 130), stderr
+        assert "Traceback" not in stderr
+        check = subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=out,
+                               capture_output=True, text=True)  # fmt: skip
+        assert check.returncode == 0, (fraction, check.stdout, stderr)
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".uvmkit-build")) == []
+        if "nothing in" in stderr:
+            assert (out / "manifest.json").read_text() == before, fraction
+        elif proc.returncode == 130:
+            assert "after the build finished" in stderr, stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["base"]["ref"] in (busybox_image, debian_image)
+        if manifest["base"]["ref"] == debian_image:
+            restore = invoke("build-all", "--base", busybox_image, "--out", str(out), env=env)
+            assert restore.returncode == 0, restore.stderr

@@ -24,6 +24,7 @@ from .archive import header_checksum_ok
 from .cache import Cache, sha256_file
 from .errors import BadInputError
 from .log import progress, step
+from .platforms import DEFAULT_PLATFORM, make_platform, parse_platform
 
 SPOOL_CHUNK = 1 << 20
 
@@ -43,8 +44,9 @@ class Layer:
     name: str
     start: int = 0
     end: int | None = None
-    # A `docker export`: drop the files the engine adds to every container.
-    from_export: bool = False
+    # A `docker export`: the image's creation time (seconds), to undo what the engine adds
+    # to every container (see engine.export_entries). None for any other layer.
+    export_of_image_created: int | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,11 @@ def identify(ref: str) -> BaseId:
         path = Path(ref).expanduser()
         if not path.exists():
             raise BadInputError(f"base {ref} does not exist", hint="check the --base path")
+        if path.is_dir() and not (path / "index.json").exists():
+            raise BadInputError(
+                f"base {ref} is a directory but not an OCI image layout (it has no index.json)",
+                hint=f"pass an archive of it instead: tar -C {ref} -cf base.tar .",
+            )
         try:
             if path.is_dir():
                 digest = hashlib.sha256((path / "index.json").read_bytes()).hexdigest()
@@ -132,7 +139,7 @@ def materialize(
 ) -> BaseSource:
     """The base's layers on disk: exported, decompressed or located once, then reused."""
     if base.image is not None:
-        return from_engine(base.image, cache=cache, work_dir=work_dir)
+        return from_engine(base.image, cache=cache, work_dir=work_dir, platform=platform)
     assert base.path is not None
     return from_file(base.path, base.id, cache=cache, work_dir=work_dir, platform=platform)
 
@@ -140,9 +147,23 @@ def materialize(
 # --- engine images ------------------------------------------------------------------
 
 
-def from_engine(info: engine.ImageInfo, *, cache: Cache, work_dir: Path) -> BaseSource:
-    """Export an engine image's tree once per image ID; later builds reuse the export."""
+def from_engine(
+    info: engine.ImageInfo, *, cache: Cache, work_dir: Path, platform: str = DEFAULT_PLATFORM
+) -> BaseSource:
+    """Export an engine image's tree once per image ID; later builds reuse the export.
+
+    The image must be for `platform`: an engine holds one platform of an image, and a
+    guest of another architecture would not boot.
+    """
     ref = info.ref
+    wanted = parse_platform(platform)
+    if info.os and info.architecture:
+        have = make_platform(info.os, info.architecture, info.variant)
+        if have != wanted:
+            raise BadInputError(
+                f"image {ref} is for {have}, not {wanted}",
+                hint=f"pass --platform {have} to build for it, or an image for {wanted}",
+            )
     origin = info.labels.get("org.uvmkit.origin", "") or info.comment
     key = info.id.removeprefix("sha256:")
 
@@ -152,7 +173,10 @@ def from_engine(info: engine.ImageInfo, *, cache: Cache, work_dir: Path) -> Base
 
     entry = cache.get_or_make("exports", key, f"export of {ref}", make, scratch=work_dir / "export")
     layer = Layer(
-        entry / "rootfs.tar", LayerFormat.TAR, name=f"export of image {ref}", from_export=True
+        entry / "rootfs.tar",
+        LayerFormat.TAR,
+        name=f"export of image {ref}",
+        export_of_image_created=engine.created_epoch(info),
     )
     return BaseSource(
         ref=ref,

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import engine
 from .config import ROOT
 from .errors import ToolError
 from .log import human_size, log
@@ -57,7 +58,7 @@ class Runs:
 
 
 def run_measured(
-    argv: list[str], *, env: dict[str, str], cwd: Path | None = None
+    argv: list[str], *, env: dict[str, str], cwd: Path | None = None, name: str = ""
 ) -> tuple[float, int]:
     """Run argv; its wall time and the peak RSS (bytes) of its largest process."""
     start = time.monotonic()
@@ -72,7 +73,8 @@ def run_measured(
     elapsed = time.monotonic() - start
     if proc.returncode != 0:
         last = stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise ToolError(f"{' '.join(argv[:4])}… failed ({proc.returncode}): {' / '.join(last)}")
+        what = name or " ".join(argv[:4])
+        raise ToolError(f"{what} failed (exit status {proc.returncode}): {' / '.join(last)}")
     # ru_maxrss is in KiB on Linux: the largest of the process and its waited-for children.
     return elapsed, usage.ru_maxrss * 1024
 
@@ -89,7 +91,9 @@ def bench(base: str, *, rounds: int = 3, work_root: Path | None = None) -> str:
 
 
 def _bench(base: str, rounds: int, top: Path) -> str:
-    env = dict(os.environ, LC_ALL="C.UTF-8")
+    # The docker CLI of the reference pipeline must talk to the engine uvmkit uses, which
+    # may be the private one ./setup.sh started without DOCKER_HOST in this shell.
+    env = dict(os.environ, LC_ALL="C.UTF-8", DOCKER_HOST=engine.engine_url(engine.connect()))
     invoke = [sys.executable, "-m", "invoke"]
     # A scratch checkout for the rebuild measurements (and its own git time stamp).
     checkout = top / "checkout"
@@ -115,7 +119,7 @@ def _bench(base: str, rounds: int, top: Path) -> str:
         out.mkdir()
         seconds, rss = run_measured(
             ["bash", "-c", REFERENCE_SCRIPT, "reference", base, str(seed / "delta.tar.gz"),
-             str(out)], env=env,
+             str(out)], env=env, name="the reference pipeline",
         )  # fmt: skip
         reference.seconds.append(seconds)
         reference.peak_rss.append(rss)

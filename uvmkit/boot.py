@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -23,11 +22,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from . import qemu
 from .agent_client import AgentClient, AgentGone, AgentTimeout
 from .errors import BadInputError, BootError
+from .interrupts import sigterm_as_interrupt
 from .log import log
 from .protocol import AgentError, ExitStatus, HelloInfo
 from .qemu import Accel, QemuConfig
@@ -172,7 +171,7 @@ def boot(options: BootOptions) -> int:
         cancel=threading.Event(),
     )
 
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         results = [_boot_once(plan, 0)] if options.count == 1 else _boot_many(plan)
 
     if options.measure or options.count > 1:
@@ -192,23 +191,6 @@ def _validate(options: BootOptions) -> None:
     for ok, message in checks:
         if not ok:
             raise BadInputError(message)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every QEMU is killed and every temp dir removed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _console_path(options: BootOptions, index: int) -> Path:
@@ -262,6 +244,9 @@ def _boot_once(plan: _Plan, index: int) -> BootResult:
     options = plan.options
     console_log = _console_path(options, index)
     console_log.parent.mkdir(parents=True, exist_ok=True)
+    # Emptied first: a QEMU that fails before opening it must not leave the last boot's
+    # lines to be read as this one's.
+    console_log.write_bytes(b"")
     # The socket lives in a short private directory: unix socket paths max out at 107 bytes.
     with tempfile.TemporaryDirectory(prefix="uvmkit-boot-") as tmp:
         config = QemuConfig(

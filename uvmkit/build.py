@@ -32,8 +32,9 @@ from .base import BaseId, BaseSource, LayerFormat, identify, materialize
 from .cache import Cache, cache_key, sha256_file
 from .compress import CompressedWriter
 from .config import TEMPLATES_DIR, BuildConfig, Compression, InitChoice, default_cache_dir
-from .errors import BadInputError, ToolError, UvmkitError, show_name
+from .errors import BadInputError, Interrupted, ToolError, UvmkitError, show_name
 from .inits import check_init
+from .interrupts import deferred_interrupts, sigterm_as_interrupt
 from .log import human_size, log, progress, step
 from .segments import Output, SegmentStore, layer_identity, split_runs, write_in_runs
 from .tree import Inode, Tree
@@ -67,6 +68,9 @@ MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
 # Private to uvmkit: what out/ held when it was last published, to spot a no-op quickly.
 STAMP = ".uvmkit-stamp"
+# A build's private directory inside out/ is named for its process, so a later build can
+# tell a killed build's leftovers from the work of a build still running.
+WORK_PREFIX = ".uvmkit-build."
 AGENT_FILES = ("init", "uvmkit-agent")
 
 
@@ -90,6 +94,7 @@ class BuildContext:
     hashes: dict[str, str] = field(default_factory=dict)
     # The base's layer files as opened for reading file data, and which file each is.
     fds: list[int] = field(default_factory=list)
+    published: bool = False
     layer_ids: dict[int, str] = field(default_factory=dict)
     segments: SegmentStore | None = None
 
@@ -109,17 +114,37 @@ class BuildResult:
 
 def build(config: BuildConfig, targets: frozenset[Artifact] = ALL_ARTIFACTS) -> BuildResult:
     """Build `targets` into config.out_dir; build-all is every artifact plus the manifest."""
+    created = not config.out_dir.exists()
     out = prepare_out(config.out_dir)
+    remove_stale_work(out)
     cache = Cache(config.cache_dir, enabled=config.use_cache)
-    work = Path(tempfile.mkdtemp(prefix=".uvmkit-build.", dir=out))
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}.", dir=out))
     ctx = BuildContext(config=config, targets=targets, cache=cache, work=work)
     try:
-        with _friendly_os_errors(out):
+        with _friendly_os_errors(out), sigterm_as_interrupt():
             return _build(ctx)
+    except KeyboardInterrupt:
+        raise _interrupted(ctx) from None
     finally:
-        for fd in ctx.fds:
-            os.close(fd)
-        shutil.rmtree(work, ignore_errors=True)
+        try:
+            # Cleaning up must not be cut short by a second Ctrl-C either.
+            with deferred_interrupts():
+                for fd in ctx.fds:
+                    os.close(fd)
+                shutil.rmtree(work, ignore_errors=True)
+                if created:
+                    # A build that failed before writing anything leaves no empty out/.
+                    with contextlib.suppress(OSError):
+                        out.rmdir()
+        except KeyboardInterrupt:
+            raise _interrupted(ctx) from None
+
+
+def _interrupted(ctx: BuildContext) -> Interrupted:
+    out = ctx.config.out_dir
+    if ctx.published:
+        return Interrupted(f"interrupted after the build finished; {out} holds its artifacts")
+    return Interrupted(f"interrupted; nothing in {out} was changed")
 
 
 def _build(ctx: BuildContext) -> BuildResult:
@@ -133,14 +158,15 @@ def _build(ctx: BuildContext) -> BuildResult:
             exported.result()
     ctx.key = build_key(ctx)
 
-    if ctx.manifest_wanted and up_to_date(ctx):
+    if ctx.manifest_wanted and ctx.config.use_cache and up_to_date(ctx):
         log.info("%s is up to date (the same inputs built it)", ctx.config.out_dir)
         return BuildResult(ctx.config.out_dir, (), reused="out")
     cached = ctx.cache.lookup("builds", ctx.key, "the artifacts")
     if cached is not None:
         names = tuple(p.name for p in sorted(cached.iterdir()) if p.name != "entry.json")
         for name in names:
-            _copy(cached / name, ctx.work / name)
+            # A copy, not a link: an artifact edited in one out/ must not change another's.
+            shutil.copyfile(cached / name, ctx.work / name)
         publish(ctx, names)
         log.info("reused the cached build of these inputs")
         return BuildResult(ctx.config.out_dir, names, reused="cache")
@@ -164,19 +190,37 @@ def _build(ctx: BuildContext) -> BuildResult:
 
 def prepare_out(out: Path) -> Path:
     """Make sure out/ exists and is writable; a clear error when it cannot be."""
+    hint = "pass --out DIR with a directory you can write"
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"output directory {out} is a file, not a directory", hint=hint)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BadInputError(
-            f"cannot create output directory {out}: {exc.strerror}",
-            hint="pass --out DIR with a directory you can write",
+            f"cannot create output directory {out}: {exc.strerror}", hint=hint
         ) from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise BadInputError(
-            f"output directory {out} is not writable",
-            hint="pass --out DIR with a directory you can write",
-        )
+        raise BadInputError(f"output directory {out} is not writable", hint=hint)
     return out
+
+
+def remove_stale_work(out: Path) -> None:
+    """Remove what builds that were killed left in out/ (never a running build's work)."""
+    for leftover in out.glob(f"{WORK_PREFIX}*"):
+        pid = leftover.name.removeprefix(WORK_PREFIX).split(".", 1)[0]
+        if not pid.isdigit() or not _process_alive(int(pid)):
+            log.debug("removing %s, left by a build that was killed", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def identify_base(ctx: BuildContext) -> None:
@@ -280,8 +324,8 @@ def merge_base(ctx: BuildContext) -> None:
                     entries = read_cpio(f, layer.name)
                 else:
                     entries = read_tar(f, layer.name, start=layer.start, end=layer.end)
-                if layer.from_export:
-                    entries = (e for e in entries if not engine.is_export_placeholder(e))
+                if layer.export_of_image_created is not None:
+                    entries = engine.export_entries(entries, layer.export_of_image_created)
                 # File data is read through this fd when the artifacts are written.
                 fd = os.open(layer.path, os.O_RDONLY | os.O_CLOEXEC)
                 ctx.fds.append(fd)
@@ -592,13 +636,20 @@ def store_in_cache(ctx: BuildContext) -> None:
 
 
 def publish(ctx: BuildContext, names: Sequence[str]) -> None:
-    """Rename the finished artifacts into out/, the manifest last."""
+    """Rename the finished artifacts into out/, the manifest last.
+
+    Ctrl-C is held off until every rename is done, so out/ never holds some artifacts of
+    this build beside others of the build before.
+    """
     out = ctx.config.out_dir
     ordered = sorted(names, key=lambda n: (n in (MANIFEST, SUMS), n))
-    for name in ordered:
-        os.replace(ctx.work / name, out / name)
+    with deferred_interrupts():
+        for name in ordered:
+            os.replace(ctx.work / name, out / name)
+        ctx.published = True
+        if ctx.manifest_wanted:
+            _write_stamp(ctx, ordered)
     if ctx.manifest_wanted:
-        _write_stamp(ctx, ordered)
         log.info("artifacts in %s: %s", out, ", ".join(ordered))
 
 
@@ -679,8 +730,7 @@ def clean_outputs(out: Path, *, cache: bool) -> None:
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
             removed += 1
-    for leftover in out.glob(".uvmkit-build.*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_stale_work(out)
     log.info("removed %d file(s) from %s", removed, out)
     if cache:
         store = Cache(default_cache_dir())

@@ -130,7 +130,9 @@ def load_recipe(name: str) -> Recipe:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{path}: not valid TOML: {exc}") from None
+        raise BadInputError(
+            f"{path}: not valid TOML: {exc}", hint="fix the recipe; images/default.toml is one"
+        ) from None
 
     allowed = {"base", "kernel", "overlay", "init", "platform", "description"}
     unknown = sorted(set(data) - allowed)
@@ -218,4 +220,7 @@ def parse_level(text: str) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise BadInputError(f"--level {text!r} is not a whole number") from None
+        raise BadInputError(
+            f"--level {text!r} is not a whole number",
+            hint="gzip takes 0-3, zstd 1-19; leave it out for the default (3)",
+        ) from None

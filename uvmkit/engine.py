@@ -8,9 +8,11 @@ names; else the system engine at /var/run/docker.sock; else the private engine t
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from docker.models.images import Image
 from docker.utils import parse_repository_tag
 
 from .archive import Entry, Kind
-from .errors import EngineError
+from .errors import BadInputError, EngineError
 from .log import human_size, log, progress
 
 SYSTEM_SOCKET = Path("/var/run/docker.sock")
@@ -46,6 +48,9 @@ _PLACEHOLDER_FILES = frozenset(
     {b".dockerenv", b"etc/hostname", b"etc/hosts", b"etc/resolv.conf", b"dev/console"}
 )
 _PLACEHOLDER_LINKS = {b"etc/mtab": b"/proc/mounts"}
+# Directories that layer creates or writes into: an export shows them with the container's
+# creation time, which would make every export of one image differ from the last.
+_INIT_LAYER_DIRS = frozenset({b"", b"dev", b"dev/pts", b"dev/shm", b"etc", b"proc", b"sys"})
 
 
 def is_export_placeholder(entry: Entry) -> bool:
@@ -55,12 +60,38 @@ def is_export_placeholder(entry: Entry) -> bool:
     cannot give them back; dropping the placeholders at least keeps empty, executable
     /etc/hosts files out of the image. (A `docker save` archive as --base keeps them.)
     """
-    name = entry.name.strip(b"/").removeprefix(b"./")
+    name = _export_name(entry.name)
     if name in _PLACEHOLDER_FILES:
         return entry.kind is Kind.FILE and entry.size == 0 and entry.mode == 0o755
     if name in _PLACEHOLDER_LINKS:
         return entry.kind is Kind.SYMLINK and entry.linkname == _PLACEHOLDER_LINKS[name]
     return False
+
+
+def export_entries(entries: Iterable[Entry], image_created: int) -> Iterator[Entry]:
+    """An export's entries as close to the image as an export allows: without the
+    engine's placeholders, and no directory its init layer touched newer than the image."""
+    for entry in entries:
+        if is_export_placeholder(entry):
+            continue
+        if entry.kind is Kind.DIR and _export_name(entry.name) in _INIT_LAYER_DIRS:
+            entry.mtime = min(entry.mtime, image_created)
+        yield entry
+
+
+def _export_name(name: bytes) -> bytes:
+    name = name.strip(b"/").removeprefix(b"./")
+    return b"" if name == b"." else name
+
+
+def created_epoch(info: ImageInfo) -> int:
+    """The image's creation time in whole seconds; 0 when the engine gave none we can read."""
+    # The engine writes nanoseconds, which fromisoformat does not take; seconds suffice.
+    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", info.created)
+    if match is None:
+        return 0
+    stamp = datetime.datetime.fromisoformat(match.group(1)).replace(tzinfo=datetime.UTC)
+    return int(stamp.timestamp())
 
 
 @dataclass(frozen=True)
@@ -75,6 +106,10 @@ class ImageInfo:
     comment: str = ""
     created: str = ""
     size: int = 0
+    # As the engine reports it: OS, architecture and variant ("" when it does not say).
+    os: str = ""
+    architecture: str = ""
+    variant: str = ""
 
 
 def candidate_urls() -> list[str]:
@@ -134,7 +169,17 @@ def resolve_image(
     except ImageNotFound:
         if not pull:
             raise EngineError(f"image {ref} is not in the engine", hint=NOT_FOUND_HINT) from None
-    except (APIError, requests.RequestException) as exc:
+    except APIError as exc:
+        if exc.status_code == 400:
+            # The engine's word for a malformed reference ("invalid reference format").
+            raise BadInputError(
+                f"--base {ref!r} is not a valid image reference: {_reason(exc)}",
+                hint="name an image as NAME[:TAG], or a file as ./PATH",
+            ) from None
+        raise EngineError(
+            f"cannot look up image {ref}: {_reason(exc)}", hint=CONNECT_HINT
+        ) from None
+    except requests.RequestException as exc:
         raise EngineError(
             f"cannot look up image {ref}: {_reason(exc)}", hint=CONNECT_HINT
         ) from None
@@ -157,6 +202,9 @@ def _info(ref: str, image: Image) -> ImageInfo:
         comment=str(attrs.get("Comment") or ""),
         created=str(attrs.get("Created") or ""),
         size=int(attrs.get("Size") or 0),
+        os=str(attrs.get("Os") or ""),
+        architecture=str(attrs.get("Architecture") or ""),
+        variant=str(attrs.get("Variant") or ""),
     )
 
 

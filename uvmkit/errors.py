@@ -42,6 +42,14 @@ class BootError(UvmkitError):
     """The guest did not boot, or its agent did not answer."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with what it left behind said for the user."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 def show_name(name: bytes | str) -> str:
     """Render an archive name for a message; bytes that are not UTF-8 become escapes."""
     if isinstance(name, str):

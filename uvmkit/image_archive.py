@@ -36,6 +36,7 @@ from .base import SPOOL_CHUNK, BaseSource, Layer, LayerFormat, Sniffed, sniff
 from .cache import Cache
 from .errors import BadInputError
 from .log import human_size, log, progress, step
+from .platforms import DEFAULT_PLATFORM, Platform, make_platform, parse_platform
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -46,8 +47,6 @@ OCI = "oci"
 MANIFEST_JSON = "manifest.json"
 INDEX_JSON = "index.json"
 OCI_LAYOUT = "oci-layout"
-
-DEFAULT_PLATFORM = "linux/amd64"
 
 # Manifests, configs and indexes are read whole; real ones are kilobytes.
 MAX_JSON = 64 << 20
@@ -80,10 +79,6 @@ _MAX_LAYOUT_DEPTH = 3
 
 DAMAGED = "the archive is damaged or incomplete; save or download the image again"
 NOT_AN_IMAGE = "the archive is damaged, or was not written by docker save or an OCI tool"
-
-_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "i386": "386"}
-# The variant an architecture has when none is given (as containerd normalises them).
-_DEFAULT_VARIANTS = {"arm64": "v8", "arm": "v7"}
 
 
 # --- detection ---------------------------------------------------------------------------
@@ -435,44 +430,11 @@ def _check_layout_file(store: _Store) -> None:
 # --- descriptors and platforms -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Platform:
-    """os/architecture/variant, normalised so that equal platforms compare equal."""
-
-    os: str
-    arch: str
-    variant: str = ""
-    # As the input spelled it, for messages.
-    shown: str = field(default="", compare=False)
-
-    def __str__(self) -> str:
-        return self.shown
-
-
-def _make_platform(os_name: str, arch: str, variant: str = "") -> _Platform:
-    shown = "/".join(p for p in (os_name, arch, variant) if p)
-    arch = _ARCH_ALIASES.get(arch.lower(), arch.lower())
-    variant = variant.lower()
-    if variant == _DEFAULT_VARIANTS.get(arch):
-        variant = ""
-    return _Platform(os_name.lower(), arch, variant, shown)
-
-
-def _parse_platform(text: str) -> _Platform:
-    parts = (text or DEFAULT_PLATFORM).split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise BadInputError(
-            f"platform {text!r} is not OS/ARCH or OS/ARCH/VARIANT",
-            hint="for example linux/amd64 or linux/arm64",
-        )
-    return _make_platform(*parts)
-
-
-def _config_platform(config: dict[str, Any]) -> _Platform | None:
+def _config_platform(config: dict[str, Any]) -> Platform | None:
     os_name, arch, variant = config.get("os"), config.get("architecture"), config.get("variant")
     if not isinstance(os_name, str) or not isinstance(arch, str) or not os_name or not arch:
         return None
-    return _make_platform(os_name, arch, variant if isinstance(variant, str) else "")
+    return make_platform(os_name, arch, variant if isinstance(variant, str) else "")
 
 
 @dataclass(frozen=True)
@@ -482,7 +444,7 @@ class _Descriptor:
     media_type: str
     digest: str
     size: int
-    platform: _Platform | None = None
+    platform: Platform | None = None
     annotations: dict[str, str] = field(default_factory=dict)
 
 
@@ -501,7 +463,7 @@ def _descriptor(value: Any, where: str, key: str) -> _Descriptor:
         variant = raw.get("variant") or ""
         if not isinstance(variant, str):
             raise _bad(where, f"{key}.platform.variant", "a string")
-        platform = _make_platform(
+        platform = make_platform(
             _get_str(raw, "os", f"{where}: {key}.platform"),
             _get_str(raw, "architecture", f"{where}: {key}.platform"),
             variant,
@@ -586,7 +548,7 @@ def _read_index(store: _Store, *, partial: bool = False) -> Iterator[_Candidate]
     return _walk(store, index, where, (), 0, partial=partial)
 
 
-def _choose(store: _Store, want: _Platform) -> tuple[_Candidate, tuple[str, ...]]:
+def _choose(store: _Store, want: Platform) -> tuple[_Candidate, tuple[str, ...]]:
     """The manifest for `want`, and every name the index gives it."""
     candidates = list(_read_index(store))
     offered: list[str] = []
@@ -686,7 +648,7 @@ def _docker_save(
 ) -> BaseSource:
     """manifest.json names the config and the layers by member name."""
     archive = store.archive
-    want = _parse_platform(platform)
+    want = parse_platform(platform)
     where = f"{archive}: {MANIFEST_JSON}"
     images = _parse_json(store.read(store.need(MANIFEST_JSON, "image list"), "image list"), where)
     if not isinstance(images, list):
@@ -751,7 +713,7 @@ def _oci(
     store: _Store, *, source: Path, cache: Cache, work_dir: Path, platform: str, layout: str
 ) -> BaseSource:
     """index.json -> (indexes ->) the platform's manifest -> config and layer blobs."""
-    want = _parse_platform(platform)
+    want = parse_platform(platform)
     chosen, names = _choose(store, want)
     manifest = chosen.load(store)
     where = f"{store.archive}: manifest {chosen.desc.digest}"

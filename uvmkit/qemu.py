@@ -59,7 +59,7 @@ def find_kernel(explicit: Path | None, *, image: str = config.DEFAULT_IMAGE) -> 
     if explicit is not None:
         if not explicit.is_file():
             raise BadInputError(f"kernel {explicit} does not exist", hint="check --kernel")
-        return explicit
+        return check_kernel(explicit, "check --kernel")
     try:
         recipe_kernel = config.load_recipe(image).kernel
     except UvmkitError as exc:
@@ -71,14 +71,46 @@ def find_kernel(explicit: Path | None, *, image: str = config.DEFAULT_IMAGE) -> 
             path = config.IMAGES_DIR / path
         if not path.is_file():
             raise BadInputError(f"kernel {path} named by image recipe {image!r} does not exist")
-        return path
+        return check_kernel(path, f"fix 'kernel' in image recipe {image!r}")
     candidates = sorted(Path("/boot").glob("vmlinuz-*"), key=_version_key)
     if not candidates:
         raise BootError(
             "no kernel to boot: no --kernel, no kernel in the recipe, nothing in /boot",
             hint="apt-get install linux-image-cloud-amd64, or pass --kernel PATH",
         )
-    return candidates[-1]
+    return check_kernel(candidates[-1], "pass --kernel PATH")
+
+
+# The x86 boot protocol puts "HdrS" at this offset of every bzImage QEMU can boot.
+_BZIMAGE_MAGIC_OFFSET = 0x202
+
+
+def check_kernel(path: Path, hint: str) -> Path:
+    """`path`, once it is known to be a readable x86 Linux kernel image (a bzImage)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(_BZIMAGE_MAGIC_OFFSET)
+            magic = f.read(4)
+    except OSError as exc:
+        raise BadInputError(f"cannot read kernel {path}: {exc.strerror}", hint=hint) from None
+    if magic != b"HdrS":
+        raise BadInputError(
+            f"kernel {path} is not an x86 Linux kernel image (no bzImage header)", hint=hint
+        )
+    return path
+
+
+def cpu_virtualisation_problem(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """Why this CPU cannot run KVM guests (no vmx or svm flag), or None when it says it can."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None  # nothing to go by; the probes below decide
+    flags = {word for line in text.splitlines() if line.startswith("flags") for word in
+             line.split()}  # fmt: skip
+    if flags and not flags & {"vmx", "svm"}:
+        return "the CPU offers no hardware virtualisation (no vmx or svm flag)"
+    return None
 
 
 def kvm_device_problem(device: str = "/dev/kvm") -> str | None:
@@ -148,7 +180,11 @@ def choose_accel(requested: Accel, qemu: str, kernel: Path) -> Accel:
     with _accel_lock:
         key = (qemu, kernel)
         if key not in _accel_cache:
-            problem = kvm_device_problem() or kvm_boot_problem(qemu, kernel)
+            problem = (
+                cpu_virtualisation_problem()
+                or kvm_device_problem()
+                or kvm_boot_problem(qemu, kernel)
+            )
             if problem:
                 log.warning("KVM is not usable (%s); falling back to TCG, which is slower", problem)
                 _accel_cache[key] = Accel.TCG
