@@ -169,7 +169,7 @@ def from_engine(
 
     def make(directory: Path) -> None:
         with step(f"Exporting {ref}"):
-            _export(info, directory / "rootfs.tar")
+            cache.note_hash(directory / "rootfs.tar", _export(info, directory / "rootfs.tar"))
 
     entry = cache.get_or_make("exports", key, f"export of {ref}", make, scratch=work_dir / "export")
     layer = Layer(
@@ -188,10 +188,13 @@ def from_engine(
     )
 
 
-def _export(info: engine.ImageInfo, target: Path) -> None:
-    # Writing to disk costs about as much as receiving; a writer thread overlaps the two.
+def _export(info: engine.ImageInfo, target: Path) -> str:
+    """Stream the image's export into `target`; returns its sha256."""
+    # Writing to disk costs about as much as receiving; a writer thread overlaps the two,
+    # and hashes on the way, for the cache entry.
     chunks_to_write: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
     failure: list[BaseException] = []
+    digest = hashlib.sha256()
 
     def write_all() -> None:
         with target.open("wb") as out:
@@ -199,6 +202,7 @@ def _export(info: engine.ImageInfo, target: Path) -> None:
                 if not failure:
                     try:
                         out.write(chunk)
+                        digest.update(chunk)
                     except BaseException as exc:
                         failure.append(exc)
 
@@ -219,6 +223,7 @@ def _export(info: engine.ImageInfo, target: Path) -> None:
         writer.join()
     if failure:
         raise failure[0]
+    return digest.hexdigest()
 
 
 # --- files --------------------------------------------------------------------------

@@ -631,6 +631,8 @@ def store_in_cache(ctx: BuildContext) -> None:
             return
         for name in ctx.written:
             _copy(ctx.work / name, tmp / name)
+            if name in ctx.hashes:
+                ctx.cache.note_hash(tmp / name, ctx.hashes[name])
     if ctx.segments is not None:
         ctx.segments.record(ctx.key)
 

@@ -45,6 +45,12 @@ class Cache:
     def __init__(self, root: Path, *, enabled: bool = True) -> None:
         self.root = root
         self.enabled = enabled
+        # sha256 sums taken while files were written, to spare reading them again.
+        self._known: dict[Path, str] = {}
+
+    def note_hash(self, path: Path, digest: str) -> None:
+        """Record the sha256 of a file just written into an entry, as its writer saw it."""
+        self._known[path] = digest
 
     def lookup(self, kind: str, key: str, what: str) -> Path | None:
         """The verified entry directory for (kind, key), or None; says why at DEBUG."""
@@ -91,7 +97,11 @@ class Cache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=parent))
         try:
             yield tmp
-            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != ENTRY_FILE}
+            files = {
+                p.name: self._known.pop(p, "") or sha256_file(p)
+                for p in sorted(tmp.iterdir())
+                if p.name != ENTRY_FILE
+            }
             (tmp / ENTRY_FILE).write_text(json.dumps({"files": files}, indent=1) + "\n")
             final = parent / key
             shutil.rmtree(final, ignore_errors=True)

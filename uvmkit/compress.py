@@ -15,11 +15,13 @@ after a change to the guest layer reuses the compressed base (see `segments.py`)
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
+import contextlib
 import errno
 import hashlib
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -145,36 +147,49 @@ class CompressedWriter:
             self.raw.close()
 
 
+_compressors = threading.local()
+
+
 def _deflate_block(level: int, block: bytes, dictionary: bytes) -> tuple[bytes, int]:
-    """One block as raw deflate ending on a byte boundary (a sync flush), and its crc32."""
+    """One block as raw deflate ending on a byte boundary (a sync flush), and its crc32.
+
+    ISA-L's reusable block compressor (one per worker thread) does both without holding
+    the GIL; it is what isal's own threaded gzip writer uses.
+    """
     from isal import isal_zlib
 
-    if dictionary:
-        compressor = isal_zlib.compressobj(
-            level, isal_zlib.DEFLATED, -15, 9, isal_zlib.Z_DEFAULT_STRATEGY, dictionary
-        )
-    else:
-        compressor = isal_zlib.compressobj(level, isal_zlib.DEFLATED, -15)
-    data = compressor.compress(block) + compressor.flush(isal_zlib.Z_SYNC_FLUSH)
-    return data, isal_zlib.crc32(block)
+    compressor = getattr(_compressors, "by_level", {}).get(level)
+    if compressor is None:
+        # Room for a block that does not compress at all, and the flush after it.
+        compressor = isal_zlib._ParallelCompress(buffersize=GZIP_BLOCK * 11 // 10 + 500,
+                                                 level=level)  # fmt: skip
+        _compressors.by_level = {**getattr(_compressors, "by_level", {}), level: compressor}
+    data, crc = compressor.compress_and_crc(block, dictionary)
+    return bytes(data), int(crc)
+
+
+_Compressed = concurrent.futures.Future[tuple[bytes, int]]
 
 
 class GzipStream:
     """A single-member gzip file written from whole blocks, compressed on worker threads.
 
-    Blocks are compressed in parallel and written in order; a bounded queue keeps memory
-    to a few blocks whatever the input's size.
+    Blocks are compressed in parallel; a writer thread takes them in order and writes
+    them out (hashing is done there too), so the caller only produces. A bounded queue
+    keeps memory to a few blocks whatever the input's size.
     """
 
     def __init__(self, raw: BinaryIO, level: int, *, threads: int = THREADS) -> None:
         self._raw = raw
         self._level = level
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "uvmkit-gzip")
-        self._max_pending = 2 * threads
-        self._pending: collections.deque[tuple[concurrent.futures.Future[tuple[bytes, int]],
-                                               int]] = collections.deque()  # fmt: skip
+        self._queue: queue.Queue[tuple[_Compressed, int] | threading.Event | None] = queue.Queue(
+            maxsize=2 * threads
+        )
+        self._error: BaseException | None = None
         self._dictionary = b""
-        # The whole stream so far, and the segment since the last cut.
+        # The whole stream so far, and the segment since the last cut. The writer thread
+        # updates them; the caller reads them only once the queue is drained.
         self._crc = 0
         self._size = 0
         self._offset = 0
@@ -184,17 +199,21 @@ class GzipStream:
         self._segment_hash = hashlib.sha256()
         self._emit(GZIP_HEADER)
         self._start_segment()
+        self._writer = threading.Thread(
+            target=self._write_loop, name="uvmkit-gzip-writer", daemon=True
+        )
+        self._writer.start()
 
     def add_block(self, block: bytes) -> None:
         """Queue one block; all but the last of a segment must be GZIP_BLOCK long."""
+        self._check()
         future = self._pool.submit(_deflate_block, self._level, block, self._dictionary)
-        self._pending.append((future, len(block)))
+        self._queue.put((future, len(block)))
         self._dictionary = block[-DEFLATE_WINDOW:]
-        self._drain(self._max_pending)
 
     def cut(self) -> Segment:
         """Write out everything queued, drop the dictionary, and return the segment."""
-        self._drain(0)
+        self._drain()
         segment = Segment(
             offset=self._segment_start,
             length=self._offset - self._segment_start,
@@ -210,7 +229,7 @@ class GzipStream:
         """Copy a segment's compressed bytes from `source` (at a cut) into this stream."""
         from isal import isal_zlib
 
-        self._drain(0)
+        self._drain()
         assert not self._dictionary, "a segment is spliced only at a cut"
         source.seek(segment.offset)
         left = segment.length
@@ -227,25 +246,54 @@ class GzipStream:
 
     def close(self) -> None:
         """Finish the deflate stream and write the gzip trailer."""
-        self._drain(0)
-        self._pool.shutdown()
+        self._drain()
+        self._stop()
         self._emit(DEFLATE_END)
         self._raw.write(struct.pack("<II", self._crc, self._size & 0xFFFFFFFF))
 
     def abort(self) -> None:
         """Drop queued work and stop the threads; the file is left incomplete."""
-        for future, _ in self._pending:
-            future.cancel()
-        self._pending.clear()
+        self._error = self._error or RuntimeError("aborted")
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._queue.get_nowait()
+                if isinstance(item, tuple):
+                    item[0].cancel()
+        self._stop()
+
+    def _stop(self) -> None:
+        self._queue.put(None)
+        self._writer.join()
         self._pool.shutdown(cancel_futures=True)
 
-    def _drain(self, keep: int) -> None:
+    def _drain(self) -> None:
+        """Wait until the writer has written everything queued so far."""
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait()
+        self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _write_loop(self) -> None:
         from isal import isal_zlib
 
-        while len(self._pending) > keep:
-            future, size = self._pending.popleft()
-            data, crc = future.result()
-            self._emit(data)
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            future, size = item
+            if self._error is not None:
+                future.cancel()  # after a failure, only keep the queue moving
+                continue
+            try:
+                data, crc = future.result()
+                self._emit(data)
+            except BaseException as exc:
+                self._error = exc
+                continue
             self._segment_hash.update(data)
             self._crc = isal_zlib.crc32_combine(self._crc, crc, size)
             self._segment_crc = isal_zlib.crc32_combine(self._segment_crc, crc, size)
