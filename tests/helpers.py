@@ -173,13 +173,14 @@ def fifo(name: bytes, mode: int = 0o644) -> Member:
     return Member(name, b"6", mode=mode)
 
 
-def sparse_tar(path: Path, name: bytes, size: int) -> Path:
-    """A tar holding one file of `size` zero bytes that costs no disk: the data is a hole."""
+def sparse_tar(path: Path, name: bytes, size: int, *, after: Iterable[Member] = ()) -> Path:
+    """A tar holding one file of `size` zero bytes that costs no disk: the data is a hole;
+    `after` are members that follow it."""
     head = header_block(Member(name, size_field=octal(size, 12)))
     with path.open("wb") as f:
         f.write(head)
         f.seek(BLOCK + size + (-size % BLOCK))
-        f.write(bytes(2 * BLOCK))
+        f.write(tar_bytes(after))
     return path
 
 

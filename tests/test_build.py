@@ -460,7 +460,9 @@ def test_ctrl_c_at_any_moment_leaves_one_whole_build(
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
 
-        assert proc.returncode in (0, 130), stderr
+        # A signal after the build returned (while Python exits) ends it by that signal.
+        finished = "artifacts in" in stderr
+        assert proc.returncode in (0, 130, *((-signal.SIGINT,) if finished else ())), stderr
         assert "Traceback" not in stderr
         check = subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=out,
                                capture_output=True, text=True)  # fmt: skip

@@ -8,6 +8,7 @@ and OCI archives, in test_image_archive.py.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tarfile
 import tempfile
@@ -31,6 +32,7 @@ from helpers import (
     file,
     gnu_long,
     hardlink,
+    invoke,
     link_groups,
     read_archive,
     read_outputs,
@@ -393,6 +395,19 @@ def test_binary_xattrs_are_carried_exactly_and_their_loss_in_newc_is_reported(
     assert "usr/bin/odd (trusted.t, user.odd)" in warnings[0]
     assert "plain" not in warnings[0]
 
+    # Said again when the same artifacts come from the cache, or are found up to date.
+    from_cache = invoke("build-all", "--base", str(base), "--out", str(tmp_path / "b"),
+                        tmp_path=tmp_path)  # fmt: skip
+    up_to_date = invoke("build-all", "--base", str(base), "--out", str(tmp_path / "b"),
+                        tmp_path=tmp_path)  # fmt: skip
+    for again in (from_cache, up_to_date):
+        assert again.returncode == 0, again.stderr
+        assert [ln for ln in again.stderr.splitlines() if ln.startswith("warning:")] == warnings
+    assert "reused the cached build" in from_cache.stderr
+    assert "is up to date" in up_to_date.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["warnings"] == [warnings[0].removeprefix("warning: ")]
+
 
 # --- 11. usr-merged bases ---------------------------------------------------------------
 
@@ -672,3 +687,85 @@ def test_device_nodes_in_the_base_are_carried_as_headers(tmp_path: Path) -> None
     assert not (tmp_path / "out" / "dev").exists()
     assert {i.path for i in read_archive(tmp_path / "out" / "delta.tar.gz")} >= {b"init"}
     assert set(initrd) >= GUEST_PATHS
+
+
+# --- more of the same kinds ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("member", "named"),
+    [
+        (Member(b"good", pax={b"path": b"good\0bad"}), "good\\0bad"),
+        (symlink(b"link", b"x", pax={b"linkpath": b"/etc\0/evil"}), "symlink link"),
+    ],
+    ids=["name", "link-target"],
+)
+def test_a_nul_byte_in_a_name_or_target_is_refused(
+    tmp_path: Path, member: Member, named: str
+) -> None:
+    base = write_tar(tmp_path / "base.tar", [directory(b"etc/"), member])
+
+    result, out = run_build(base, tmp_path)
+
+    assert_refused(result, out, str(base), named, "NUL byte")
+
+
+def test_an_entry_named_like_the_newc_trailer_is_refused(tmp_path: Path) -> None:
+    base = write_tar(tmp_path / "base.tar", [file(b"TRAILER!!!", b"x"), file(b"zzz", b"y")])
+
+    result, out = run_build(base, tmp_path)
+
+    assert_refused(result, out, "initrd.img", "TRAILER!!!", "ends a newc archive")
+
+
+def test_a_hard_linked_file_of_4_gib_is_named_by_all_its_names(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")  # a hole read on tmpfs costs no page cache
+    path = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() else tmp_path)) / "base.tar"
+    sparse_tar(path, HUGE, FOUR_GIB, after=[hardlink(b"big/also", HUGE)])
+
+    result, out = run_build(path, tmp_path)
+
+    shutil.rmtree(path.parent)
+    assert_refused(result, out, "initrd.img", "big/also (also named big/huge)", "4 GiB")
+
+
+def test_the_base_info_link_is_replaced_not_written_through(tmp_path: Path) -> None:
+    base = write_tar(
+        tmp_path / "base.tar",
+        [directory(b"etc/"), file(b"etc/version", b"BASE-VERSION"), symlink(b"info", b"etc")],
+    )
+
+    result, out = run_build(base, tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "the base's /info is a symlink (to etc)" in result.stderr
+    for items in read_outputs(out):
+        tree = by_path(items)
+        assert tree[b"etc/version"].data == b"BASE-VERSION"
+        assert tree[b"info"].kind == "dir"
+        assert tree[b"info/version"].data != b"BASE-VERSION"
+
+
+def test_an_overlay_file_with_a_whiteout_name_is_refused(tmp_path: Path, recipe: Path) -> None:
+    overlay = tmp_path / "overlay"
+    (overlay / "etc").mkdir(parents=True)
+    (overlay / "etc" / ".wh.passwd").write_bytes(b"")
+    base = write_tar(tmp_path / "base.tar", [directory(b"etc/"), file(b"etc/passwd", b"root")])
+    image = write_recipe(recipe, base, overlay=str(overlay))
+
+    result, out = run_build(base, tmp_path, "--image", image)
+
+    assert_refused(result, out, "etc/.wh.passwd", "whiteout name")
+
+
+def test_a_very_deep_name_is_carried_by_rootfs(tmp_path: Path) -> None:
+    # 4000 directories deep in one entry: merging costs its depth, not its depth cubed.
+    deep = b"/".join([b"d"] * 4000) + b"/f"
+    base = write_tar(tmp_path / "base.tar", [Member(deep, data=b"deep", pax={b"path": deep})])
+
+    initrd, out = run_build(base, tmp_path)
+    assert_refused(initrd, out, "initrd.img", "the kernel unpacks names")
+    rootfs, out = run_build(base, tmp_path, task="rootfs")
+
+    assert rootfs.returncode == 0, rootfs.stderr
+    assert by_path(read_archive(out / "rootfs.tar.gz"))[deep].data == b"deep"

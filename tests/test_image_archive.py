@@ -21,6 +21,7 @@ from pathlib import Path
 import docker
 import pytest
 import zstandard
+from helpers import invoke, run_build
 
 from uvmkit.archive import Kind, read_tar
 from uvmkit.base import BaseSource
@@ -670,6 +671,23 @@ def test_corrupt_oci_blob_names_its_digest(tmp_path: Path, cache: Cache, compres
 
     assert str(caught.value).startswith(f"{written.root}: layer {digest} is damaged")
     assert caught.value.hint
+
+
+def test_oci_blob_damaged_after_a_cached_build_is_still_reported(tmp_path: Path) -> None:
+    written = write_oci_layout(tmp_path / "layout", [OciImage(corrupt_layers())])
+    first, _ = run_build(written.root, tmp_path)
+    assert first.returncode == 0, first.stderr
+    digest = written.layers[0][0]
+    blob = blob_path(written.root, digest)
+    flip(blob, blob.stat().st_size // 2)  # index.json is unchanged
+
+    # The same cache as the first build, another out/.
+    again = invoke("build-all", "--base", str(written.root), "--out", str(tmp_path / "again"),
+                   tmp_path=tmp_path)  # fmt: skip
+
+    assert again.returncode == 1, again.stderr
+    assert f"layer {digest} is damaged" in again.stderr
+    assert "reused" not in again.stderr
 
 
 def test_corrupt_blob_in_an_oci_tar(tmp_path: Path, cache: Cache) -> None:

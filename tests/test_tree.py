@@ -81,6 +81,24 @@ def test_opaque_marker_is_matched_exactly_before_the_generic_rule() -> None:
         assert not any(b".wh." in name for name in items)
 
 
+def test_hard_links_into_the_aufs_link_store_get_its_files() -> None:
+    # aufs layers keep hard-linked files under .wh..wh.plnk/ and link to them from the tree.
+    layer = [
+        directory(b".wh..wh.plnk/", mode=0o700),
+        file(b".wh..wh.plnk/234.567", b"shared", mode=0o4755, uid=7),
+        directory(b"usr/bin/"),
+        hardlink(b"usr/bin/a", b".wh..wh.plnk/234.567"),
+        hardlink(b"usr/bin/b", b"/.wh..wh.plnk/234.567"),
+    ]
+
+    for items, raw in outputs(layer):
+        assert not any(b".wh." in name for name in items)
+        assert contents(raw)[b"usr/bin/a"] == b"shared"
+        assert contents(raw)[b"usr/bin/b"] == b"shared"
+        assert (items[b"usr/bin/a"].mode, items[b"usr/bin/a"].uid) == (0o4755, 7)
+        assert link_groups(raw)[b"usr/bin/a"] == {b"usr/bin/a", b"usr/bin/b"}
+
+
 def test_opaque_directory_keeps_what_its_own_layer_put_deeper() -> None:
     lower = [file(b"a/sub/old"), file(b"a/gone")]
     upper = [directory(b"a/sub/"), file(b"a/sub/new"), file(b"a/.wh..wh..opq")]

@@ -101,8 +101,8 @@ class BaseId:
     """A base named and identified, before any of it is read: enough for a cache key."""
 
     ref: str
-    # sha256 of the content for files (of index.json for an OCI directory), else the
-    # engine's image ID.
+    # sha256 of the content for files (of every file's name and content for an OCI
+    # directory), else the engine's image ID.
     id: str
     path: Path | None = None
     image: engine.ImageInfo | None = None
@@ -120,10 +120,7 @@ def identify(ref: str) -> BaseId:
                 hint=f"pass an archive of it instead: tar -C {ref} -cf base.tar .",
             )
         try:
-            if path.is_dir():
-                digest = hashlib.sha256((path / "index.json").read_bytes()).hexdigest()
-            else:
-                digest = sha256_file(path)
+            digest = _directory_digest(path) if path.is_dir() else sha256_file(path)
         except OSError as exc:
             raise BadInputError(
                 f"cannot read base {path}: {exc.strerror}",
@@ -132,6 +129,19 @@ def identify(ref: str) -> BaseId:
         return BaseId(ref=ref, id=f"sha256:{digest}", path=path)
     info = engine.resolve_image(ref)
     return BaseId(ref=ref, id=info.id, image=info)
+
+
+def _directory_digest(root: Path) -> str:
+    """One sha256 over every file of a directory, names and contents, in name order.
+
+    All of it, not index.json alone: a blob damaged after an earlier build must change the
+    identity, or that build would be served from the cache without a word.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = str(path.relative_to(root)).encode()
+        digest.update(b"%d:%s:%s\n" % (len(name), name, sha256_file(path).encode()))
+    return digest.hexdigest()
 
 
 def materialize(

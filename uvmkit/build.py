@@ -29,7 +29,7 @@ from typing import BinaryIO
 from . import __version__, engine, guest
 from .archive import Entry, Kind, read_cpio, read_tar
 from .base import BaseId, BaseSource, LayerFormat, identify, materialize
-from .cache import Cache, cache_key, sha256_file
+from .cache import ENTRY_FILE, Cache, cache_key, sha256_file
 from .compress import CompressedWriter
 from .config import TEMPLATES_DIR, BuildConfig, Compression, InitChoice, default_cache_dir
 from .errors import BadInputError, Interrupted, ToolError, UvmkitError, show_name
@@ -37,7 +37,7 @@ from .inits import check_init
 from .interrupts import deferred_interrupts, sigterm_as_interrupt
 from .log import human_size, log, progress, step
 from .segments import Output, SegmentStore, layer_identity, split_runs, write_in_runs
-from .tree import Inode, Tree
+from .tree import WHITEOUT_PREFIX, Inode, Tree
 from .writers import (
     NewcWriter,
     Planned,
@@ -68,6 +68,8 @@ MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
 # Private to uvmkit: what out/ held when it was last published, to spot a no-op quickly.
 STAMP = ".uvmkit-stamp"
+# Kept in a cached build beside its artifacts, never published.
+WARNINGS = "warnings.json"
 # A build's private directory inside out/ is named for its process, so a later build can
 # tell a killed build's leftovers from the work of a build still running.
 WORK_PREFIX = ".uvmkit-build."
@@ -97,6 +99,9 @@ class BuildContext:
     published: bool = False
     layer_ids: dict[int, str] = field(default_factory=dict)
     segments: SegmentStore | None = None
+    # What the build warned about: kept with the artifacts and said again whenever they
+    # are served from the cache or found up to date, so a warning is never lost.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def manifest_wanted(self) -> bool:
@@ -159,11 +164,15 @@ def _build(ctx: BuildContext) -> BuildResult:
     ctx.key = build_key(ctx)
 
     if ctx.manifest_wanted and ctx.config.use_cache and up_to_date(ctx):
+        _replay_warnings(ctx.config.out_dir / MANIFEST, key="warnings")
         log.info("%s is up to date (the same inputs built it)", ctx.config.out_dir)
         return BuildResult(ctx.config.out_dir, (), reused="out")
     cached = ctx.cache.lookup("builds", ctx.key, "the artifacts")
     if cached is not None:
-        names = tuple(p.name for p in sorted(cached.iterdir()) if p.name != "entry.json")
+        _replay_warnings(cached / WARNINGS)
+        names = tuple(
+            p.name for p in sorted(cached.iterdir()) if p.name not in (ENTRY_FILE, WARNINGS)
+        )
         for name in names:
             # A copy, not a link: an artifact edited in one out/ must not change another's.
             shutil.copyfile(cached / name, ctx.work / name)
@@ -397,9 +406,14 @@ def add_guest_layer(ctx: BuildContext) -> None:
     if ctx.config.recipe.overlay is not None:
         layer.extend(_overlay(ctx.config.recipe.overlay, sde))
 
+    # /info is uvmkit's: a base's own `info` link is replaced, never written through.
+    info = tree.lookup(INFO_DIR)
+    if info is not None and info.kind is Kind.SYMLINK:
+        warn(ctx, f"the base's /info is a symlink (to {show_name(info.target)}); the guest "
+                  "layer's /info directory replaces it")  # fmt: skip
     added: dict[bytes, Inode] = {}
     for path, inode in layer:
-        added[_add(tree, path, inode)] = inode
+        added[_add(tree, path, inode, through_links=path != INFO_DIR)] = inode
     # Parents the base did not have go into delta.tar.gz too, so it unpacks anywhere.
     for added_path in list(added):
         parts = added_path.split(b"/")
@@ -412,10 +426,10 @@ def add_guest_layer(ctx: BuildContext) -> None:
     log.debug("guest layer: %s", ", ".join(show_name(p) for p, _ in ctx.delta))
 
 
-def _add(tree: Tree, name: bytes, inode: Inode) -> bytes:
+def _add(tree: Tree, name: bytes, inode: Inode, *, through_links: bool = True) -> bytes:
     entry = Entry(name=name, kind=inode.kind, mode=inode.mode, mtime=inode.mtime)
-    # Never over a base's links: a usr-merged base keeps lib -> usr/lib under an overlay.
-    return tree.add(entry, inode, archive="the guest layer", keep_dir_symlinks=True)
+    # Through a base's links, not over them: a usr-merged base keeps lib -> usr/lib.
+    return tree.add(entry, inode, archive="the guest layer", keep_dir_symlinks=through_links)
 
 
 def _file(data: bytes, mode: int, mtime: int) -> Inode:
@@ -432,6 +446,12 @@ def _overlay(root: Path, mtime: int) -> list[tuple[bytes, Inode]]:
         for name in sorted(dirnames + filenames):
             full = os.path.join(dirpath, name)
             rel = os.path.normpath(os.path.join(rel_dir, name))
+            if name.startswith(WHITEOUT_PREFIX):
+                raise BadInputError(
+                    f"overlay {root}: {show_name(rel)} has a whiteout name (.wh.), which no "
+                    "image may hold",
+                    hint="rename it; to remove a base file, leave it out of the base instead",
+                )
             st = os.lstat(full)
             mode = st.st_mode & 0o7777
             if os.path.islink(full):
@@ -507,11 +527,10 @@ def write_artifacts(ctx: BuildContext) -> None:
                 shown = "; ".join(lost[:5]) + (
                     f"; and {len(lost) - 5} more" if len(lost) > 5 else ""
                 )
-                log.warning(
-                    "newc cpio cannot hold xattrs, so initrd.img lacks them on %d file(s): %s "
-                    "(rootfs.tar.gz keeps them)",
-                    len(lost),
-                    shown,
+                warn(
+                    ctx,
+                    f"newc cpio cannot hold xattrs, so initrd.img lacks them on {len(lost)} "
+                    f"file(s): {shown} (rootfs.tar.gz keeps them)",
                 )
         _write_pass(ctx, planned, initrd=want_initrd, rootfs=want_rootfs, base=False)
     if Artifact.DELTA in targets:
@@ -614,6 +633,7 @@ def write_manifest(ctx: BuildContext) -> None:
         "source_date_epoch": ctx.config.source_date_epoch,
         "build_key": ctx.key,
         "artifacts": artifacts,
+        "warnings": ctx.warnings,
     }
     (ctx.work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     (ctx.work / SUMS).write_text(_sums_text(artifacts))
@@ -633,6 +653,7 @@ def store_in_cache(ctx: BuildContext) -> None:
             _copy(ctx.work / name, tmp / name)
             if name in ctx.hashes:
                 ctx.cache.note_hash(tmp / name, ctx.hashes[name])
+        (tmp / WARNINGS).write_text(json.dumps(ctx.warnings) + "\n")
     if ctx.segments is not None:
         ctx.segments.record(ctx.key)
 
@@ -656,6 +677,23 @@ def publish(ctx: BuildContext, names: Sequence[str]) -> None:
 
 
 # --- helpers ------------------------------------------------------------------------
+
+
+def warn(ctx: BuildContext, message: str) -> None:
+    """Log a warning about the artifacts, and keep it with them."""
+    log.warning("%s", message)
+    ctx.warnings.append(message)
+
+
+def _replay_warnings(path: Path, *, key: str = "") -> None:
+    """Say again what the build that made these artifacts warned about."""
+    try:
+        recorded = json.loads(path.read_text())
+        messages = recorded[key] if key else recorded
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for message in messages:
+        log.warning("%s", message)
 
 
 class HashingFile:

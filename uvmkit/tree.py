@@ -18,11 +18,13 @@ rules of extracting a tar into an empty root, confined to that root:
 
 Layers add the overlay rules: `.wh.NAME` deletes NAME from the layers below and
 `.wh..wh..opq` empties its directory of them; what the layer itself adds stays, wherever
-its whiteouts come. Whiteouts never follow symlinks, and no `.wh.` name reaches the tree.
+its whiteouts come. Whiteouts never follow symlinks, and no `.wh.` name reaches the tree;
+a hard link into aufs's link store (`.wh..wh.plnk/`) gets the stored file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -72,6 +74,14 @@ def split_name(name: bytes, *, archive: str, what: bytes | None = None) -> list[
 
     `what` is the entry to blame when `name` is not its own name but its link target.
     """
+    if b"\0" in name:
+        shown = show_name(name.replace(b"\0", b"\\0"))
+        if what is not None:
+            shown = f"{show_name(what)} points at {shown}, which"
+        raise BadInputError(
+            f"{archive}: entry {shown} has a NUL byte in its name",
+            hint="no file system can hold such a name; fix the archive",
+        )
     parts: list[bytes] = []
     for part in name.split(b"/"):
         if part in (b"", b"."):
@@ -188,9 +198,16 @@ class Tree:
         return [p for p, _ in stack], (stack[-1][1] if stack else self.root)
 
     def _touch(self, parts: list[bytes]) -> None:
-        if self._touched is not None:
-            for i in range(1, len(parts) + 1):
-                self._touched.add(b"/".join(parts[:i]))
+        """Mark a path and its parents as written by the layer being applied."""
+        if self._touched is None:
+            return
+        # Longest first: a marked path has its parents marked already, so the walk stops
+        # there, and a deep name costs its depth, not its depth squared.
+        for i in range(len(parts), 0, -1):
+            path = b"/".join(parts[:i])
+            if path in self._touched:
+                return
+            self._touched.add(path)
 
     def lookup(
         self, name: bytes, *, archive: str = "image", entry: bytes | None = None
@@ -307,11 +324,24 @@ class Tree:
     def apply_layer(self, entries: Iterable[Entry], *, fd: int, archive: str) -> None:
         """Apply one image layer (or a plain root filesystem tar, which is one layer)."""
         self._touched = set()
+        # aufs kept hard-linked files under .wh..wh.plnk/ and linked to them from the tree;
+        # the files are not the tree's, but the links get their inodes (as Docker does).
+        aufs_files: dict[bytes, Inode] = {}
         try:
             for entry in entries:
                 parts = split_name(entry.name, archive=archive)
                 if parts and parts[0].startswith(AUFS_META_PREFIX) and parts[0] != OPAQUE_MARKER:
-                    continue  # aufs bookkeeping at the top (.wh..wh.plnk/...): not the tree
+                    if entry.kind is Kind.FILE:
+                        held = inode_for(entry, fd=fd, archive=archive)
+                        assert held is not None
+                        aufs_files[b"/".join(parts)] = held
+                    continue  # aufs bookkeeping at the top: not the tree
+                if entry.kind is Kind.HARDLINK and aufs_files:
+                    target = split_name(entry.linkname, archive=archive, what=entry.name)
+                    held = aufs_files.get(b"/".join(target))
+                    if held is not None:
+                        self.add(dataclasses.replace(entry, kind=Kind.FILE), held, archive=archive)
+                        continue
                 if any(part.startswith(WHITEOUT_PREFIX) for part in parts[:-1]):
                     raise BadInputError(
                         f"{archive}: entry {show_name(entry.name)} lies inside a whiteout",
@@ -406,6 +436,11 @@ def inode_for(entry: Entry, *, fd: int, archive: str) -> Inode | None:
     elif entry.kind is Kind.DIR:
         inode.children = {}
     elif entry.kind is Kind.SYMLINK:
+        if b"\0" in entry.linkname:
+            raise BadInputError(
+                f"{archive}: symlink {show_name(entry.name)} has a NUL byte in its target",
+                hint="no file system can hold such a link; fix the archive",
+            )
         inode.target = entry.linkname
     elif entry.kind in (Kind.CHAR, Kind.BLOCK):
         inode.rdev = (entry.devmajor, entry.devminor)

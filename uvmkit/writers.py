@@ -21,6 +21,7 @@ from .tree import Blob, Inode
 
 COPY_CHUNK = 1 << 20
 NEWC_MAX = 0xFFFFFFFF
+NEWC_TRAILER = b"TRAILER!!!"
 # The kernel's initramfs unpacker skips, without a word, names and symlink targets that
 # do not fit PATH_MAX (4096, its NUL included), and cannot create a component longer than
 # NAME_MAX: such an entry would be in initrd.img but never in the booted guest.
@@ -109,8 +110,10 @@ def check_newc_limits(planned: Sequence[Planned], *, artifact: str = "initrd.img
     for p in planned:
         inode = p.inode
         if inode.size > NEWC_MAX:
+            names = [show_name(q.path) for q in planned if q.inode is inode]
+            also = f" (also named {', '.join(names[1:])})" if len(names) > 1 else ""
             raise FormatLimitError(
-                f"{artifact}: {show_name(p.path)} is {inode.size} bytes; newc cpio holds files "
+                f"{artifact}: {names[0]}{also} is {inode.size} bytes; newc cpio holds files "
                 "under 4 GiB",
                 hint="remove or split that file in the base (rootfs.tar.gz can carry it)",
             )
@@ -127,6 +130,12 @@ def check_newc_limits(planned: Sequence[Planned], *, artifact: str = "initrd.img
 
 
 def _check_kernel_names(p: Planned, artifact: str) -> None:
+    if p.path == NEWC_TRAILER:
+        raise FormatLimitError(
+            f"{artifact}: the base has an entry named {NEWC_TRAILER.decode()} at its root, "
+            "the name that ends a newc archive: readers would stop there",
+            hint="rename or remove that entry in the base (rootfs.tar.gz can carry it)",
+        )
     longest = max(len(part) for part in p.path.split(b"/"))
     if len(p.path) > KERNEL_PATH_MAX or longest > KERNEL_NAME_MAX:
         shown = show_name(p.path) if len(p.path) <= 120 else show_name(p.path[:80]) + "..."
@@ -211,7 +220,7 @@ class NewcWriter:
         self._write(b"\0" * (-self.offset % 4))
 
     def finish(self) -> None:
-        self._write(newc_header(b"TRAILER!!!", ino=0, mode=0, uid=0, gid=0, nlink=1, mtime=0,
+        self._write(newc_header(NEWC_TRAILER, ino=0, mode=0, uid=0, gid=0, nlink=1, mtime=0,
                                 size=0))  # fmt: skip
         # GNU cpio pads to 512-byte blocks; some readers expect it.
         self._write(b"\0" * (-self.offset % 512))
