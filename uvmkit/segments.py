@@ -122,15 +122,17 @@ class SegmentStore:
         try:
             record = json.loads((entry / SEGMENT_FILE).read_text())
             segment = Segment(**record["segment"])
-            source_path = self.cache.root / "builds" / record["build"] / record["artifact"]
-            with source_path.open("rb") as source:
-                if _range_sha256(source, segment.offset, segment.length) != segment.sha256:
-                    log.debug("%s: its source %s changed; compressing afresh", key, source_path)
-                    return None
-                writer.splice(source, segment)
+            source = (self.cache.root / "builds" / record["build"] / record["artifact"]).open("rb")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.debug("segment %s unusable (%s); compressing afresh", key, exc)
             return None
+        with source:
+            if _range_sha256(source, segment.offset, segment.length) != segment.sha256:
+                log.debug("%s: its source %s changed; compressing afresh", key, source.name)
+                return None
+            # Checked, so a failure from here on is the disk's, and fails the build: half a
+            # segment must never stay in an artifact.
+            writer.splice(source, segment)
         self._made.append((key, artifact, segment))
         return segment
 
