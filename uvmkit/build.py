@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import enum
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -96,9 +97,10 @@ class BuildContext:
     hashes: dict[str, str] = field(default_factory=dict)
     # The base's layer files as opened for reading file data, and which file each is.
     fds: list[int] = field(default_factory=list)
-    published: bool = False
     layer_ids: dict[int, str] = field(default_factory=dict)
     segments: SegmentStore | None = None
+    # Set once the artifacts are in out/, to say so if the build is interrupted after.
+    published: bool = False
     # What the build warned about: kept with the artifacts and said again whenever they
     # are served from the cache or found up to date, so a warning is never lost.
     warnings: list[str] = field(default_factory=list)
@@ -747,6 +749,7 @@ def _friendly_os_errors(out: Path) -> Iterator[None]:
         raise
 
 
+@functools.cache
 def _code_hash() -> str:
     """The uvmkit package's own sources: a change to how artifacts are written changes them."""
     return _tree_hash(Path(__file__).resolve().parent, suffix=".py")
