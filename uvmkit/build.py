@@ -15,9 +15,11 @@ import contextlib
 import datetime
 import enum
 import errno
+import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -74,6 +76,7 @@ WARNINGS = "warnings.json"
 # A build's private directory inside out/ is named for its process, so a later build can
 # tell a killed build's leftovers from the work of a build still running.
 WORK_PREFIX = ".uvmkit-build."
+WORK_LOCK = ".lock"
 AGENT_FILES = ("init", "uvmkit-agent")
 
 
@@ -95,7 +98,8 @@ class BuildContext:
     written: list[str] = field(default_factory=list)
     # sha256 of each artifact, taken as it was written.
     hashes: dict[str, str] = field(default_factory=dict)
-    # The base's layer files as opened for reading file data, and which file each is.
+    # Closed when the build ends: the work directory's lock and the base's layer files
+    # (opened for reading file data; layer_ids says which file each is).
     fds: list[int] = field(default_factory=list)
     layer_ids: dict[int, str] = field(default_factory=dict)
     segments: SegmentStore | None = None
@@ -126,7 +130,11 @@ def build(config: BuildConfig, targets: frozenset[Artifact] = ALL_ARTIFACTS) -> 
     remove_stale_work(out)
     cache = Cache(config.cache_dir, enabled=config.use_cache)
     work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}.", dir=out))
+    # Held for the whole build: a later build that can take it knows this one is gone.
+    lock = os.open(work / WORK_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     ctx = BuildContext(config=config, targets=targets, cache=cache, work=work)
+    ctx.fds.append(lock)
     try:
         with _friendly_os_errors(out), sigterm_as_interrupt():
             return _build(ctx)
@@ -218,10 +226,32 @@ def prepare_out(out: Path) -> Path:
 def remove_stale_work(out: Path) -> None:
     """Remove what builds that were killed left in out/ (never a running build's work)."""
     for leftover in out.glob(f"{WORK_PREFIX}*"):
-        pid = leftover.name.removeprefix(WORK_PREFIX).split(".", 1)[0]
-        if not pid.isdigit() or not _process_alive(int(pid)):
+        if leftover.is_dir() and not leftover.is_symlink():
+            if _build_running(leftover):
+                continue
             log.debug("removing %s, left by a build that was killed", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _build_running(work: Path) -> bool:
+    """True while the build that owns `work` holds its lock (or, before it took the lock,
+    while its process lives)."""
+    try:
+        fd = os.open(work / WORK_LOCK, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pid = work.name.removeprefix(WORK_PREFIX).split(".", 1)[0]
+        return pid.isdigit() and _process_alive(int(pid))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _process_alive(pid: int) -> bool:
@@ -262,7 +292,7 @@ def build_key(ctx: BuildContext) -> str:
         ctx.base_id.id,
         programs,
         _tree_hash(TEMPLATES_DIR),
-        _tree_hash(ctx.config.recipe.overlay) if ctx.config.recipe.overlay else "",
+        _overlay_hash(ctx.config.recipe.overlay) if ctx.config.recipe.overlay else "",
         ctx.config.options(),
         ctx.config.source_date_epoch,
         sorted(ctx.targets),
@@ -319,9 +349,28 @@ def _write_stamp(ctx: BuildContext, names: Sequence[str]) -> None:
 
 def materialize_base(ctx: BuildContext) -> None:
     assert ctx.base_id is not None
-    ctx.base = materialize(
-        ctx.base_id, cache=ctx.cache, work_dir=ctx.work, platform=ctx.config.platform
-    )
+    with _keeping_warnings(ctx, module="image_archive"):
+        ctx.base = materialize(
+            ctx.base_id, cache=ctx.cache, work_dir=ctx.work, platform=ctx.config.platform
+        )
+
+
+@contextlib.contextmanager
+def _keeping_warnings(ctx: BuildContext, *, module: str) -> Iterator[None]:
+    """Keep, with the artifacts, the warnings one module logs about the base (which image
+    of an archive was used, say): they hold for every build the cache serves."""
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING and record.module == module:
+                ctx.warnings.append(record.getMessage())
+
+    handler = Keep()
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
 
 
 def merge_base(ctx: BuildContext) -> None:
@@ -329,7 +378,7 @@ def merge_base(ctx: BuildContext) -> None:
     assert ctx.base is not None
     tree = Tree(mtime=ctx.config.source_date_epoch)
     with step(f"Reading the base ({len(ctx.base.layers)} layer(s))"):
-        for layer in ctx.base.layers:
+        for index, layer in enumerate(ctx.base.layers):
             with layer.path.open("rb") as f:
                 if layer.format is LayerFormat.CPIO:
                     entries = read_cpio(f, layer.name)
@@ -340,7 +389,8 @@ def merge_base(ctx: BuildContext) -> None:
                 # File data is read through this fd when the artifacts are written.
                 fd = os.open(layer.path, os.O_RDONLY | os.O_CLOEXEC)
                 ctx.fds.append(fd)
-                ctx.layer_ids[fd] = layer_identity(layer.path)
+                # The base's content identity (hashed this build) and the file's own.
+                ctx.layer_ids[fd] = f"{ctx.base.id}#{index}:{layer_identity(layer.path)}"
                 tree.apply_layer(entries, fd=fd, archive=layer.name)
     ctx.tree = tree
 
@@ -405,6 +455,8 @@ def add_guest_layer(ctx: BuildContext) -> None:
     layer.append((INFO_DIR, Inode(Kind.DIR, 0o755, mtime=sde, children={})))
     for info_name, data in render_info(ctx).items():
         layer.append((INFO_DIR + b"/" + info_name.encode(), _file(data, 0o644, sde)))
+    # What uvmkit itself puts in the guest, which an overlay must leave alone.
+    ours = [(path, inode) for path, inode in layer if inode.kind is Kind.FILE]
     if ctx.config.recipe.overlay is not None:
         layer.extend(_overlay(ctx.config.recipe.overlay, sde))
 
@@ -416,6 +468,7 @@ def add_guest_layer(ctx: BuildContext) -> None:
     added: dict[bytes, Inode] = {}
     for path, inode in layer:
         added[_add(tree, path, inode, through_links=path != INFO_DIR)] = inode
+    _check_guest_layer_kept(ctx, tree, ours)
     # Parents the base did not have go into delta.tar.gz too, so it unpacks anywhere.
     for added_path in list(added):
         parts = added_path.split(b"/")
@@ -426,6 +479,26 @@ def add_guest_layer(ctx: BuildContext) -> None:
                 added[parent] = made
     ctx.delta = sorted(added.items())
     log.debug("guest layer: %s", ", ".join(show_name(p) for p, _ in ctx.delta))
+
+
+def _check_guest_layer_kept(ctx: BuildContext, tree: Tree, ours: list[tuple[bytes, Inode]]) -> None:
+    """Refuse an overlay that replaced uvmkit's own files (or a directory above them)."""
+
+    def found(path: bytes) -> Inode | None:
+        resolved = tree.follow(path)  # None, not an error, when a file stands in the way
+        return resolved[1] if resolved is not None else None
+
+    console = found(b"dev/console")
+    checks = [(path, found(path) is inode) for path, inode in ours]
+    checks.append((b"dev/console", console is not None and console.kind is Kind.CHAR
+                   and console.rdev == (5, 1)))  # fmt: skip
+    for path, kept in checks:
+        if not kept:
+            raise BadInputError(
+                f"the overlay of image recipe {ctx.config.recipe.name!r} replaces uvmkit's "
+                f"/{show_name(path)}, which the guest needs",
+                hint=f"remove /{show_name(path)} (or what stands in its place) from the overlay",
+            )
 
 
 def _add(tree: Tree, name: bytes, inode: Inode, *, through_links: bool = True) -> bytes:
@@ -647,7 +720,22 @@ def _sums_text(artifacts: dict[str, dict[str, object]]) -> str:
 
 
 def store_in_cache(ctx: BuildContext) -> None:
-    """Keep the artifacts under the build key, so the same inputs never build twice."""
+    """Keep the artifacts under the build key, so the same inputs never build twice.
+
+    The cache only saves time: when it cannot be written (a full disk, say), the build
+    goes on and says so.
+    """
+    try:
+        _store_in_cache(ctx)
+    except OSError as exc:
+        log.warning(
+            "could not keep this build in the cache at %s (%s); the artifacts are not affected",
+            ctx.cache.root,
+            exc.strerror or exc,
+        )
+
+
+def _store_in_cache(ctx: BuildContext) -> None:
     with ctx.cache.store("builds", ctx.key) as tmp:
         if tmp is None:
             return
@@ -669,6 +757,8 @@ def publish(ctx: BuildContext, names: Sequence[str]) -> None:
     out = ctx.config.out_dir
     ordered = sorted(names, key=lambda n: (n in (MANIFEST, SUMS), n))
     with deferred_interrupts():
+        if not ctx.manifest_wanted:
+            _retire_manifest(out, names)
         for name in ordered:
             os.replace(ctx.work / name, out / name)
         ctx.published = True
@@ -676,6 +766,22 @@ def publish(ctx: BuildContext, names: Sequence[str]) -> None:
             _write_stamp(ctx, ordered)
     if ctx.manifest_wanted:
         log.info("artifacts in %s: %s", out, ", ".join(ordered))
+
+
+def _retire_manifest(out: Path, names: Sequence[str]) -> None:
+    """A step task replacing an artifact of an earlier build-all takes that build's
+    manifest.json and SHA256SUMS away: they would no longer describe out/."""
+    try:
+        listed = json.loads((out / MANIFEST).read_text())["artifacts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not set(names) & set(listed):
+        return
+    for name in (MANIFEST, SUMS, STAMP):
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+    log.info("removed %s and %s from %s: they described the earlier build-all", MANIFEST, SUMS,
+             out)  # fmt: skip
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -745,7 +851,16 @@ def _friendly_os_errors(out: Path) -> Iterator[None]:
                 "untouched",
             ) from None
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise BadInputError(f"cannot write {where}: {exc.strerror}") from None
+            raise BadInputError(
+                f"cannot write {where}: {exc.strerror}",
+                hint="check that path's permissions, or choose another --out or XDG_CACHE_HOME",
+            ) from None
+        if exc.filename:
+            # A path in the way: a file where a directory should be, and the like.
+            raise BadInputError(
+                f"cannot use {where}: {exc.strerror}",
+                hint="move what is at that path out of the way (invoke --debug shows where)",
+            ) from None
         raise
 
 
@@ -764,8 +879,25 @@ def _tree_hash(root: Path, *, suffix: str = "") -> str:
     return digest.hexdigest()
 
 
+def _overlay_hash(root: Path) -> str:
+    """Everything of an overlay that reaches the image: names, kinds, modes, link targets
+    and file contents (directories count too, empty or not)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        digest.update(b"%s\0%o\0" % (os.fsencode(path.relative_to(root)), st.st_mode))
+        if path.is_symlink():
+            digest.update(os.fsencode(os.readlink(path)))
+        elif path.is_file():
+            digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def clean_outputs(out: Path, *, cache: bool) -> None:
     """Remove the artifacts a build writes into out/ (and leftovers), and the cache if asked."""
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"{out} is a file, not an output directory", hint="check --out")
     names = [a.value for a in Artifact if a is not Artifact.AGENT]
     names += [*AGENT_FILES, MANIFEST, SUMS, STAMP, "console.log"]
     removed = 0

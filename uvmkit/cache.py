@@ -10,6 +10,7 @@ writer's leftovers) is removed and rebuilt, never used.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -105,7 +106,14 @@ class Cache:
             (tmp / ENTRY_FILE).write_text(json.dumps({"files": files}, indent=1) + "\n")
             final = parent / key
             shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # Another build stored the same entry meanwhile: the same key means the
+                # same content, so theirs serves as well as ours.
+                log.debug("cache entry %s/%s was stored by another build", kind, key)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

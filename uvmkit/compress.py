@@ -160,9 +160,10 @@ def _deflate_block(level: int, block: bytes, dictionary: bytes) -> tuple[bytes, 
 
     compressor = getattr(_compressors, "by_level", {}).get(level)
     if compressor is None:
-        # Room for a block that does not compress at all, and the flush after it.
-        compressor = isal_zlib._ParallelCompress(buffersize=GZIP_BLOCK * 11 // 10 + 500,
-                                                 level=level)  # fmt: skip
+        # Room for a block that does not compress at all, and the flush after it; level 0
+        # can make random data a third larger.
+        room = 2 * GZIP_BLOCK if level == 0 else GZIP_BLOCK * 11 // 10
+        compressor = isal_zlib._ParallelCompress(buffersize=room + 500, level=level)
         _compressors.by_level = {**getattr(_compressors, "by_level", {}), level: compressor}
     data, crc = compressor.compress_and_crc(block, dictionary)
     return bytes(data), int(crc)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInputError
+from .platforms import parse_platform
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES_DIR = ROOT / "images"
@@ -101,9 +102,11 @@ class BuildConfig:
 
 
 def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/uvmkit, or ~/.cache/uvmkit."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
+    """$XDG_CACHE_HOME/uvmkit, or ~/.cache/uvmkit (also when XDG_CACHE_HOME is relative)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec says a relative value is to be ignored; taken as is, it would put the
+    # cache (and `clean --cache`) wherever the command happens to run.
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "uvmkit"
 
 
@@ -140,15 +143,29 @@ def load_recipe(name: str) -> Recipe:
         raise BadInputError(
             f"{path}: unknown key {unknown[0]!r}", hint=f"allowed: {', '.join(sorted(allowed))}"
         )
+    example = "images/default.toml is an example"
     if not isinstance(data.get("base"), str) or not data["base"]:
-        raise BadInputError(f"{path}: 'base' must name a Docker image or a file")
+        raise BadInputError(
+            f"{path}: 'base' must name a Docker image or a file",
+            hint='for example base = "busybox:1.36"',
+        )
+    for key in ("kernel", "overlay", "init", "platform", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise BadInputError(f"{path}: {key!r} must be a string", hint=example)
     try:
         init = InitChoice(data.get("init", "uvmkit"))
     except ValueError:
-        raise BadInputError(f"{path}: 'init' must be 'uvmkit' or 'base'") from None
+        raise BadInputError(
+            f"{path}: 'init' must be 'uvmkit' or 'base'",
+            hint="'base' boots the base's own /init; leave it out for uvmkit's",
+        ) from None
     overlay = path.parent / data["overlay"] if data.get("overlay") else None
     if overlay is not None and not overlay.is_dir():
-        raise BadInputError(f"{path}: overlay directory {overlay} does not exist")
+        what = "is not a directory" if overlay.exists() else "does not exist"
+        raise BadInputError(
+            f"{path}: overlay {overlay} {what}",
+            hint="'overlay' names a directory, relative to the recipe file",
+        )
     return Recipe(
         name=name,
         path=path,
@@ -161,14 +178,22 @@ def load_recipe(name: str) -> Recipe:
     )
 
 
+# The last second of the year 9999: dates past it cannot be written as dates.
+MAX_SOURCE_DATE_EPOCH = 253402300799
+
+
 def default_source_date_epoch() -> int:
     """SOURCE_DATE_EPOCH from the environment, else the last commit's time, else 0."""
     env = os.environ.get("SOURCE_DATE_EPOCH")
     if env:
+        hint = "seconds since 1970, as `git log -1 --format=%ct` prints; or unset it"
         try:
-            return int(env)
+            value = int(env)
         except ValueError:
-            raise BadInputError(f"SOURCE_DATE_EPOCH={env!r} is not an integer") from None
+            raise BadInputError(f"SOURCE_DATE_EPOCH={env!r} is not an integer", hint=hint) from None
+        if not 0 <= value <= MAX_SOURCE_DATE_EPOCH:
+            raise BadInputError(f"SOURCE_DATE_EPOCH={env} is outside 1970 to 9999", hint=hint)
+        return value
     try:
         out = subprocess.run(
             ["git", "-C", str(ROOT), "log", "-1", "--format=%ct"],
@@ -201,6 +226,7 @@ def make_build_config(
             f"--compression {compression!r} is not known",
             hint=f"use one of: {', '.join(c.value for c in Compression)}",
         ) from None
+    parse_platform(platform or recipe.platform)  # a malformed one is refused here
     return BuildConfig(
         recipe=recipe,
         base=base or recipe.base,

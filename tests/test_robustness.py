@@ -1,0 +1,296 @@
+"""What a build does when the world around it misbehaves: a cache shared by builds running
+at once, a cache that cannot be written, leftovers of killed builds, an overlay that steps
+on uvmkit's own files, settings that make no sense. Real builds from file inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import (
+    ROOT,
+    assert_refused,
+    by_path,
+    directory,
+    file,
+    invoke,
+    read_archive,
+    run_build,
+    write_tar,
+)
+from test_image_archive import layer_tar, write_docker_save
+
+from uvmkit.cache import Cache
+
+WORK_PREFIX = ".uvmkit-build."
+WORK_LOCK = ".lock"
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    return write_tar(
+        tmp_path / "base.tar",
+        [directory(b"etc/"), file(b"etc/os-release", b"NAME=robust\n"), directory(b"bin/")],
+    )
+
+
+def _recipe(tmp_path: Path, base: Path, overlay: Path) -> str:
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'base = "{base}"\noverlay = "{overlay}"\n')
+    return str(recipe)
+
+
+# --- the cache ----------------------------------------------------------------------------
+
+
+def test_builds_storing_one_entry_at_once_all_succeed(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    failures: list[BaseException] = []
+
+    def store_many() -> None:
+        try:
+            for _ in range(200):
+                with cache.store("builds", "same-key") as entry:
+                    assert entry is not None
+                    (entry / "artifact").write_bytes(b"the same bytes")
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=store_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert failures == []
+    entry = cache.lookup("builds", "same-key", "the test entry")
+    assert entry is not None and (entry / "artifact").read_bytes() == b"the same bytes"
+    assert [p.name for p in (tmp_path / "cache" / "builds").iterdir()] == ["same-key"]
+
+
+def test_a_relative_xdg_cache_home_is_ignored(base: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, XDG_CACHE_HOME="uvmkit-relative", HOME=str(home))
+    argv = [sys.executable, "-m", "invoke", "build-all", "--base", str(base), "--out",
+            str(tmp_path / "out")]  # fmt: skip
+
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert not (ROOT / "uvmkit-relative").exists()
+    assert (home / ".cache" / "uvmkit" / "builds").is_dir()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MB tmpfs, for a cache that fills at once."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a tmpfs, which needs root (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_cache_does_not_fail_the_build(tmp_path: Path, small_disk: Path) -> None:
+    rng = random.Random(5)
+    noise = bytes(rng.getrandbits(8) for _ in range(3 << 20))  # incompressible: 3 MB out
+    base = write_tar(tmp_path / "base.tar", [file(b"noise", noise)])
+    env = dict(os.environ, XDG_CACHE_HOME=str(small_disk))
+    argv = [sys.executable, "-m", "invoke", "build-all", "--base", str(base), "--out",
+            str(tmp_path / "out")]  # fmt: skip
+
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert "warning: could not keep this build in the cache" in result.stderr
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path / "out")
+    assert check.returncode == 0
+    assert by_path(read_archive(tmp_path / "out" / "rootfs.tar.gz"))[b"noise"].data == noise
+
+
+def test_level_0_takes_data_that_does_not_compress(tmp_path: Path) -> None:
+    rng = random.Random(6)
+    noise = bytes(rng.getrandbits(8) for _ in range(2 << 20))
+    base = write_tar(tmp_path / "base.tar", [file(b"noise", noise)])
+
+    result, out = run_build(base, tmp_path, "--level", "0")
+
+    assert result.returncode == 0, result.stderr
+    for artifact in ("initrd.img", "rootfs.tar.gz"):
+        assert by_path(read_archive(out / artifact))[b"noise"].data == noise
+
+
+def test_warnings_about_an_image_archive_are_kept_with_its_build(tmp_path: Path) -> None:
+    layers = [layer_tar([])]
+    saved = write_docker_save(tmp_path / "two.tar", layers, images=2)
+
+    first, _ = run_build(saved.path, tmp_path)
+    again = invoke("build-all", "--base", str(saved.path), "--out", str(tmp_path / "again"),
+                   tmp_path=tmp_path)  # fmt: skip
+
+    assert first.returncode == 0 and again.returncode == 0, again.stderr
+    said = [ln for ln in first.stderr.splitlines() if ln.startswith("warning:")]
+    assert any("holds 2 images; using the first" in ln for ln in said), first.stderr
+    assert [ln for ln in again.stderr.splitlines() if ln.startswith("warning:")] == said
+    assert "reused the cached build" in again.stderr
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert [f"warning: {w}" for w in manifest["warnings"]] == said
+
+
+# --- the overlay --------------------------------------------------------------------------
+
+
+def test_every_change_to_the_overlay_rebuilds(base: Path, tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "hello").write_text("hi\n")
+    (overlay / "link").symlink_to("target-a")
+    recipe = _recipe(tmp_path, base, overlay)
+    out = str(tmp_path / "out")
+    changes = [
+        lambda: (overlay / "hello").chmod(0o4755),
+        lambda: ((overlay / "link").unlink(), (overlay / "link").symlink_to("target-b")),
+        lambda: (overlay / "empty").mkdir(),
+    ]
+
+    assert invoke("build-all", "--image", recipe, "--out", out, tmp_path=tmp_path).returncode == 0
+    for change in changes:
+        change()
+        result = invoke("build-all", "--image", recipe, "--out", out, tmp_path=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "up to date" not in result.stderr and "reused" not in result.stderr
+
+    delta = by_path(read_archive(tmp_path / "out" / "delta.tar.gz"))
+    assert delta[b"hello"].mode == 0o4755
+    assert delta[b"link"].target == b"target-b"
+    assert delta[b"empty"].kind == "dir"
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (lambda o: (o / "bin").write_text("not a directory"), "/bin/uvmkit-agent"),
+        (lambda o: (o / "info").write_text("not a directory"), "/info/"),
+        (
+            lambda o: ((o / "dev").mkdir(), (o / "dev" / "console").symlink_to("/dev/null")),
+            "/dev/console",
+        ),
+        (lambda o: (o / "init").write_text("#!/bin/sh\n"), "/init"),
+    ],
+    ids=["bin", "info", "console", "init"],
+)
+def test_an_overlay_that_replaces_uvmkits_files_is_refused(
+    base: Path, tmp_path: Path, make: object, named: str
+) -> None:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    make(overlay)  # type: ignore[operator]
+
+    result, out = run_build(base, tmp_path, "--image", _recipe(tmp_path, base, overlay))
+
+    assert_refused(result, out, "replaces uvmkit's", named)
+
+
+# --- out/ ---------------------------------------------------------------------------------
+
+
+def test_a_step_task_retires_the_manifest_it_would_contradict(base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = invoke("build-all", "--base", str(base), "--out", str(out), tmp_path=tmp_path)
+    assert first.returncode == 0, first.stderr
+
+    step = invoke("initrd", "--base", str(base), "--out", str(out), "--level", "1",
+                  tmp_path=tmp_path)  # fmt: skip
+
+    assert step.returncode == 0, step.stderr
+    assert "removed manifest.json and SHA256SUMS" in step.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["delta.tar.gz", "initrd.img",
+                                                       "rootfs.tar.gz"]  # fmt: skip
+
+
+def test_leftovers_of_killed_builds_are_removed(base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    # pid 1 lives, but holds no lock: the build that made this is gone.
+    (out / f"{WORK_PREFIX}1.abc").mkdir()
+    (out / f"{WORK_PREFIX}1.abc" / WORK_LOCK).touch()
+    (out / f"{WORK_PREFIX}1.abc" / "initrd.img").write_bytes(b"half")
+    (out / f"{WORK_PREFIX}stray").write_bytes(b"a file")
+
+    result = invoke("build-all", "--base", str(base), "--out", str(out), tmp_path=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert not [p.name for p in out.iterdir() if p.name.startswith(WORK_PREFIX)]
+
+
+def test_a_running_builds_work_is_left_alone(base: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "out"
+    work = out / f"{WORK_PREFIX}1.live"
+    work.mkdir(parents=True)
+    with (work / WORK_LOCK).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = invoke("clean", "--out", str(out), tmp_path=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert work.is_dir()
+    result = invoke("clean", "--out", str(out), tmp_path=tmp_path)
+    assert not work.exists()
+
+
+# --- settings -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ("base = 3\n", "'base' must name a Docker image or a file"),
+        ('base = "x.tar"\nplatform = 7\n', "'platform' must be a string"),
+        ('base = "x.tar"\ninit = "foo"\n', "'init' must be 'uvmkit' or 'base'"),
+        ('base = "x.tar"\noverlay = "missing"\n', "does not exist"),
+        ('base = "x.tar"\noverlay = "recipe.toml"\n', "is not a directory"),
+    ],
+    ids=["base", "platform", "init", "overlay-missing", "overlay-file"],
+)
+def test_recipe_mistakes_are_one_line_with_a_hint(
+    tmp_path: Path, recipe: str, message: str
+) -> None:
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe)
+
+    result = invoke("build-all", "--image", str(path), "--out", str(tmp_path / "out"),
+                    tmp_path=tmp_path)  # fmt: skip
+
+    assert_refused(result, tmp_path / "out", message)
+    assert "  hint: " in result.stderr
+
+
+def test_settings_that_make_no_sense_are_one_line_with_a_hint(base: Path, tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    env = dict(os.environ, SOURCE_DATE_EPOCH="99999999999999")
+    huge = subprocess.run(
+        [sys.executable, "-m", "invoke", "build-all", "--base", str(base), "--out",
+         str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    bogus = invoke("build-all", "--base", str(base), "--platform", "bogus", "--out",
+                   str(tmp_path / "out"), tmp_path=tmp_path)  # fmt: skip
+    clean = invoke("clean", "--out", str(not_a_dir), tmp_path=tmp_path)
+
+    assert_refused(huge, tmp_path / "out", "SOURCE_DATE_EPOCH=99999999999999 is outside")
+    assert_refused(bogus, tmp_path / "out", "platform 'bogus' is not OS/ARCH")
+    assert clean.returncode == 1 and "is a file, not an output directory" in clean.stderr
+    for result in (huge, bogus, clean):
+        assert "  hint: " in result.stderr
