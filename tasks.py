@@ -36,8 +36,10 @@ def friendly(func: F) -> F:
         debug = debug_enabled()
         setup_logging(debug=debug)
         if debug:
-            # invoke's own --debug chatter is not what a user debugging a build wants.
-            logging.getLogger("invoke").setLevel(logging.INFO)
+            # invoke's, the Docker SDK's and urllib3's own --debug chatter is not what a user
+            # debugging a build wants.
+            for name in ("invoke", "docker", "urllib3"):
+                logging.getLogger(name).setLevel(logging.INFO)
         try:
             return func(*args, **kwargs)
         except UvmkitError as exc:
@@ -230,11 +232,16 @@ def boot(
     try:
         accel_choice = Accel(accel)
     except ValueError:
-        raise BadInputError(f"--accel {accel!r} is not one of auto, kvm, tcg") from None
+        raise BadInputError(
+            f"--accel {accel!r} is not one of auto, kvm, tcg",
+            hint="auto uses KVM where it really works, else TCG",
+        ) from None
     try:
         command = tuple(shlex.split(exec))
     except ValueError as exc:
         raise BadInputError(f"--exec {exec!r}: {exc}", hint="quote it as for a shell") from None
+    if exec and not command:
+        raise BadInputError("--exec names no command", hint="leave --exec out for the smoke check")
     options = harness.BootOptions(
         out_dir=Path(out),
         kernel=Path(kernel) if kernel else None,

@@ -177,7 +177,10 @@ def test_bad_options_are_one_line_errors(tmp_path: Path, kernel: Path) -> None:
     assert unbalanced.returncode == 1
     assert unbalanced.stderr.startswith('error: --exec "sh -c \'exit 7": No closing quotation')
     assert accel.returncode == 1
-    assert accel.stderr == "error: --accel 'fast' is not one of auto, kvm, tcg\n"
+    assert accel.stderr.splitlines() == [
+        "error: --accel 'fast' is not one of auto, kvm, tcg",
+        "  hint: auto uses KVM where it really works, else TCG",
+    ]
 
 
 def test_a_file_that_is_no_kernel_is_refused_before_qemu(image: Path, tmp_path: Path) -> None:
@@ -206,3 +209,25 @@ def test_kvm_needs_a_cpu_flag(tmp_path: Path) -> None:
         "the CPU offers no hardware virtualisation (no vmx or svm flag)"
     )
     assert qemu.cpu_virtualisation_problem(str(with_vmx)) is None
+
+
+def test_kvm_asked_for_where_it_cannot_work_fails_at_once(image: Path, kernel: Path) -> None:
+    problem = qemu.cpu_virtualisation_problem() or qemu.kvm_device_problem()
+    result = invoke_boot(image, kernel, "--exec", "true", accel="kvm")
+
+    if problem is None:  # a machine where KVM works: it boots under KVM
+        assert result.returncode == 0, result.stderr
+        assert "under KVM" in result.stderr
+    else:
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
+            f"error: --accel kvm: KVM is not usable here: {problem}",
+            "  hint: use --accel auto or tcg",
+        ]
+
+
+def test_an_empty_exec_is_refused(image: Path, kernel: Path) -> None:
+    result = invoke_boot(image, kernel, "--exec", "  ")
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: --exec names no command\n")

@@ -60,7 +60,9 @@ def busybox_build(
 
 def test_writes_every_artifact_and_verifiable_sums(busybox_build: Path) -> None:
     names = sorted(p.name for p in busybox_build.iterdir())
-    assert names == sorted([*ARTIFACTS, "manifest.json", "SHA256SUMS", ".uvmkit-stamp"])
+    assert names == sorted(
+        [*ARTIFACTS, "manifest.json", "SHA256SUMS", ".uvmkit-stamp", ".uvmkit-files"]
+    )
     check = subprocess.run(
         ["sha256sum", "-c", "SHA256SUMS"], cwd=busybox_build, capture_output=True, text=True
     )

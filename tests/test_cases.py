@@ -642,7 +642,7 @@ def test_a_file_of_4_gib_is_carried_whole_by_rootfs(tmp_path: Path, huge_base: P
     result, out = run_build(huge_base, tmp_path, task="rootfs")
 
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["rootfs.tar.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [".uvmkit-files", "rootfs.tar.gz"]
     items = read_archive(out / "rootfs.tar.gz", with_data=False)
     names = [i.path for i in items]
     huge = by_path(items)[HUGE]

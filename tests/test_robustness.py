@@ -216,8 +216,12 @@ def test_a_step_task_retires_the_manifest_it_would_contradict(base: Path, tmp_pa
 
     assert step.returncode == 0, step.stderr
     assert "removed manifest.json and SHA256SUMS" in step.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["delta.tar.gz", "initrd.img",
-                                                       "rootfs.tar.gz"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".uvmkit-files",
+        "delta.tar.gz",
+        "initrd.img",
+        "rootfs.tar.gz",
+    ]
 
 
 def test_leftovers_of_killed_builds_are_removed(base: Path, tmp_path: Path) -> None:
@@ -294,3 +298,23 @@ def test_settings_that_make_no_sense_are_one_line_with_a_hint(base: Path, tmp_pa
     assert clean.returncode == 1 and "is a file, not an output directory" in clean.stderr
     for result in (huge, bogus, clean):
         assert "  hint: " in result.stderr
+
+
+def test_clean_removes_what_builds_published_and_nothing_else(base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    built = invoke("build-all", "--base", str(base), "--out", str(out), tmp_path=tmp_path)
+    assert built.returncode == 0, built.stderr
+    (out / "notes.txt").write_text("mine")
+    (out / "console.log").write_text("a boot's log")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for name in ("initrd.img", "manifest.json", "init"):
+        (foreign / name).write_text("someone else's")
+
+    cleaned = invoke("clean", "--out", str(out), tmp_path=tmp_path)
+    left_alone = invoke("clean", "--out", str(foreign), tmp_path=tmp_path)
+
+    assert cleaned.returncode == 0 and left_alone.returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in foreign.iterdir()) == ["init", "initrd.img", "manifest.json"]
+    assert "holds no files a uvmkit build published; left them alone" in left_alone.stderr

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import engine
+from .base import looks_like_path
 from .config import ROOT
-from .errors import ToolError
+from .errors import BadInputError, ToolError
 from .log import human_size, log
 
 REFERENCE_SCRIPT = r"""
@@ -83,6 +84,15 @@ def bench(base: str, *, rounds: int = 3, work_root: Path | None = None) -> str:
     """Run the comparison; returns the report table."""
     if shutil.which("docker") is None:
         raise ToolError("the docker command is not installed", hint="apt-get install docker.io")
+    if rounds < 1:
+        raise BadInputError(f"--rounds {rounds}: at least one round is needed", hint="try 3")
+    if looks_like_path(base):
+        raise BadInputError(
+            f"--base {base}: the reference pipeline starts from `docker export`, so the bench "
+            "needs an image in the engine",
+            hint="docker import the archive under a name, and pass that name",
+        )
+    engine.resolve_image(base, pull=False)  # a missing image is one clear line, up front
     top = Path(tempfile.mkdtemp(prefix="uvmkit-bench.", dir=work_root))
     try:
         return _bench(base, rounds, top)

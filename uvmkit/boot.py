@@ -190,7 +190,7 @@ def _validate(options: BootOptions) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise BadInputError(message)
+            raise BadInputError(message, hint="invoke --help boot lists the options")
 
 
 def _console_path(options: BootOptions, index: int) -> Path:

@@ -71,6 +71,8 @@ MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
 # Private to uvmkit: what out/ held when it was last published, to spot a no-op quickly.
 STAMP = ".uvmkit-stamp"
+# The names builds published into out/: what `invoke clean` removes.
+OWNED = ".uvmkit-files"
 # Kept in a cached build beside its artifacts, never published.
 WARNINGS = "warnings.json"
 # A build's private directory inside out/ is named for its process, so a later build can
@@ -163,14 +165,22 @@ def _interrupted(ctx: BuildContext) -> Interrupted:
 
 
 def _build(ctx: BuildContext) -> BuildResult:
+    if ctx.targets == {Artifact.AGENT}:
+        # The guest programs alone: no base, no engine.
+        if not reuse_agent(ctx):
+            build_agent(ctx)
+        write_artifacts(ctx)
+        publish(ctx, tuple(ctx.written))
+        return BuildResult(ctx.config.out_dir, tuple(ctx.written), reused="")
     identify_base(ctx)
     needs_guest = ctx.targets != {Artifact.BASE}
     if needs_guest and not reuse_agent(ctx):
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            # The compiler runs while the engine exports: neither needs the other.
-            exported = pool.submit(materialize_base, ctx)
-            build_agent(ctx)
-            exported.result()
+            # The compiler runs while the engine exports: neither needs the other. The
+            # export stays in this thread, where Ctrl-C lands and stops it at once.
+            compiled = pool.submit(build_agent, ctx)
+            materialize_base(ctx)
+            compiled.result()
     ctx.key = build_key(ctx)
 
     if ctx.manifest_wanted and ctx.config.use_cache and up_to_date(ctx):
@@ -283,6 +293,7 @@ def build_key(ctx: BuildContext) -> str:
             sha256_file(ctx.guest.agent_path),
             ctx.guest.version,
             ctx.guest.branch,
+            ctx.guest.compiler,
         ]
     return cache_key(
         "uvmkit-build",
@@ -698,11 +709,15 @@ def write_manifest(ctx: BuildContext) -> None:
             "origin": base.origin,
             **({"details": base.details} if base.details else {}),
         },
+        # What the guest programs are, not what they were compiled from: a change that
+        # compiles to the same programs (a comment) leaves the artifacts, and so this,
+        # as they were.
         "agent": {
             "version": ctx.guest.version,
             "branch": ctx.guest.branch,
             "compiler": ctx.guest.compiler,
-            "source_hash": ctx.guest.source_hash,
+            "init_sha256": sha256_file(ctx.guest.init_path),
+            "agent_sha256": sha256_file(ctx.guest.agent_path),
         },
         "options": ctx.config.options(),
         "source_date_epoch": ctx.config.source_date_epoch,
@@ -759,6 +774,9 @@ def publish(ctx: BuildContext, names: Sequence[str]) -> None:
     with deferred_interrupts():
         if not ctx.manifest_wanted:
             _retire_manifest(out, names)
+        # What `invoke clean` may remove: what builds published here, and nothing else.
+        (ctx.work / OWNED).write_text(json.dumps(sorted(_owned(out) | set(ordered))) + "\n")
+        os.replace(ctx.work / OWNED, out / OWNED)
         for name in ordered:
             os.replace(ctx.work / name, out / name)
         ctx.published = True
@@ -895,18 +913,35 @@ def _overlay_hash(root: Path) -> str:
 
 
 def clean_outputs(out: Path, *, cache: bool) -> None:
-    """Remove the artifacts a build writes into out/ (and leftovers), and the cache if asked."""
+    """Remove what builds wrote into out/ (and leftovers), and the cache if asked.
+
+    Only files a build published there are removed (they are listed in out/), and the
+    boot logs beside them: a directory uvmkit never wrote keeps its files.
+    """
     if out.exists() and not out.is_dir():
         raise BadInputError(f"{out} is a file, not an output directory", hint="check --out")
-    names = [a.value for a in Artifact if a is not Artifact.AGENT]
-    names += [*AGENT_FILES, MANIFEST, SUMS, STAMP, "console.log"]
     removed = 0
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
-            removed += 1
-    remove_stale_work(out)
+    if (out / OWNED).exists():
+        logs = {p.name for p in out.glob("console*.log")}
+        for name in sorted({*_owned(out), *logs, STAMP, OWNED}):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                (out / name).unlink()
+                removed += 1
+    elif out.is_dir() and any(out.iterdir()):
+        log.info("%s holds no files a uvmkit build published; left them alone", out)
+    if out.is_dir():
+        remove_stale_work(out)
     log.info("removed %d file(s) from %s", removed, out)
     if cache:
         store = Cache(default_cache_dir())
         log.info("emptied the cache at %s (%s)", store.root, human_size(store.clear()))
+
+
+def _owned(out: Path) -> set[str]:
+    """The names builds published into out/, as they recorded them."""
+    try:
+        names = json.loads((out / OWNED).read_text())
+    except (OSError, ValueError):
+        return set()
+    # Plain names only: the record must not lead `clean` out of out/.
+    return {n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")}

@@ -7,10 +7,13 @@ a cache key for them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +73,7 @@ def _git(*args: str) -> str | None:
     return proc.stdout.strip() or None
 
 
+@functools.cache
 def guest_version() -> tuple[str, str]:
     """(short commit hash, branch) of the repository, or "unknown" for either."""
     version = _git("rev-parse", "--short=12", "HEAD") or "unknown"
@@ -79,9 +83,15 @@ def guest_version() -> tuple[str, str]:
 
 
 def _find_compiler() -> _Compiler:
+    return _compiler_on(os.environ.get("PATH", ""))
+
+
+@functools.cache
+def _compiler_on(search_path: str) -> _Compiler:
+    """The compiler found on PATH, asked for its version once per process."""
     # musl gives a ~50 KB static binary; glibc's static libc is ten times that, and warns.
     for command in ("musl-gcc", "gcc"):
-        path = shutil.which(command)
+        path = shutil.which(command, path=search_path or None)
         if path is None:
             continue
         proc = run([path, "-dumpfullversion"], capture=True, check=False)
@@ -133,10 +143,16 @@ def build_guest(
     source_dir = source_dir.resolve()
     flags = _flags(compiler, source_dir, version)
     work_dir.mkdir(parents=True, exist_ok=True)
-    env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)}
+    # gcc's temporary files go where the build cleans up, even when it is killed.
+    scratch = Path(tempfile.mkdtemp(prefix=".cc-", dir=work_dir))
+    env = {"SOURCE_DATE_EPOCH": str(source_date_epoch), "TMPDIR": str(scratch)}
 
     outputs = {}
-    with step(f"Compiling the guest with {compiler.description}"):
+    with (
+        contextlib.ExitStack() as cleanup,
+        step(f"Compiling the guest with {compiler.description}"),
+    ):
+        cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
         for name, main_source in PROGRAMS.items():
             output = work_dir / name
             # Relative names, run from source_dir: the checkout's path stays out of the binary.

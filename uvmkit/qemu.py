@@ -175,6 +175,12 @@ _accel_lock = threading.Lock()
 
 def choose_accel(requested: Accel, qemu: str, kernel: Path) -> Accel:
     """KVM or TCG. For auto, KVM only when it provably boots a kernel; logged either way."""
+    if requested is Accel.KVM:
+        # Asked for by name: refuse at once what cannot work, rather than time out later.
+        problem = cpu_virtualisation_problem() or kvm_device_problem()
+        if problem:
+            raise BootError(f"--accel kvm: KVM is not usable here: {problem}",
+                            hint="use --accel auto or tcg")  # fmt: skip
     if requested is not Accel.AUTO:
         return requested
     with _accel_lock:

@@ -355,7 +355,10 @@ def ensure_default_base(client: docker.DockerClient, ref: str = DEFAULT_BASE) ->
         return ref
     refs = [ref] if _has_image(client, LOCAL_BUSYBOX) else [ref, LOCAL_BUSYBOX]
     seed_busybox(client, refs)
-    print(f"{ref} is not reachable; seeded it from Debian's busybox-static {busybox_version()}")
+    print(
+        f"{ref} is not reachable; seeded {' and '.join(refs)} from Debian's busybox-static "
+        f"{busybox_version()}"
+    )
     return ref
 
 
