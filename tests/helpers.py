@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import libarchive
+import pytest
 from libarchive import ffi
 
 from uvmkit.archive import read_tar
@@ -476,3 +477,17 @@ def written(tree: Tree) -> tuple[list[Item], list[Item]]:
     """The tree as newc and as tar, read back by libarchive."""
     newc, tar = write_both(tree)
     return read_archive(newc), read_archive(tar)
+
+
+@contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `where` for the block: a disk that fills at once."""
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a tmpfs, which needs root (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                   check=True)  # fmt: skip
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)

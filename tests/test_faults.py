@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import pytest
+from helpers import small_tmpfs
 from readback import invoke
 
 from uvmkit import engine as engine_module
@@ -129,15 +128,8 @@ def test_export_stream_cut_half_way(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 20 MB tmpfs: far too small for a Debian base's artifacts."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.fail("the full-disk test mounts a tmpfs, which needs root (CI runs as root)")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "20m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_disk_fills_under_out(debian_image: str, small_disk: Path, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from helpers import (
     invoke,
     read_archive,
     run_build,
+    small_tmpfs,
     write_tar,
 )
 from test_image_archive import layer_tar, write_docker_save
@@ -92,15 +93,8 @@ def test_a_relative_xdg_cache_home_is_ignored(base: Path, tmp_path: Path) -> Non
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MB tmpfs, for a cache that fills at once."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.fail("this test mounts a tmpfs, which needs root (CI runs as root)")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_full_cache_does_not_fail_the_build(tmp_path: Path, small_disk: Path) -> None:
