@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .archive import Kind
+from .archive import BLOCK, Kind
 from .errors import FormatLimitError, show_name
 from .log import log
 from .tree import Blob, Inode
@@ -175,8 +175,11 @@ def newc_header(
     return header + b"\0" * (-len(header) % 4)
 
 
-class NewcWriter:
-    """Writes newc entries to a sink; `finish` adds the trailer."""
+class _ArchiveWriter:
+    """What both formats share: a sink, the offset written so far (which `write_in_runs`
+    advances past spliced segments), and file data padded to the format's alignment."""
+
+    ALIGN = 1
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
@@ -185,6 +188,18 @@ class NewcWriter:
     def _write(self, data: bytes | memoryview) -> None:
         self.sink.write(data)
         self.offset += len(data)
+
+    def data(self, chunk: bytes | memoryview) -> None:
+        self._write(chunk)
+
+    def end_data(self) -> None:
+        self._write(b"\0" * (-self.offset % self.ALIGN))
+
+
+class NewcWriter(_ArchiveWriter):
+    """Writes newc entries to a sink; `finish` adds the trailer."""
+
+    ALIGN = 4
 
     def header(self, p: Planned) -> int:
         """Write the header of a planned entry; returns how many data bytes must follow."""
@@ -212,12 +227,6 @@ class NewcWriter:
             self.end_data()
             return 0
         return size
-
-    def data(self, chunk: bytes | memoryview) -> None:
-        self._write(chunk)
-
-    def end_data(self) -> None:
-        self._write(b"\0" * (-self.offset % 4))
 
     def finish(self) -> None:
         self._write(newc_header(NEWC_TRAILER, ino=0, mode=0, uid=0, gid=0, nlink=1, mtime=0,
@@ -359,16 +368,10 @@ def _ustar_block(
     return bytes(block)
 
 
-class TarWriter:
+class TarWriter(_ArchiveWriter):
     """Writes PAX tar entries to a sink; `finish` adds the end-of-archive blocks."""
 
-    def __init__(self, sink: Sink) -> None:
-        self.sink = sink
-        self.offset = 0
-
-    def _write(self, data: bytes | memoryview) -> None:
-        self.sink.write(data)
-        self.offset += len(data)
+    ALIGN = BLOCK
 
     def header(self, p: Planned) -> int:
         """Write the header of a planned entry; returns how many data bytes must follow."""
@@ -394,12 +397,6 @@ class TarWriter:
             )
         )
         return size
-
-    def data(self, chunk: bytes | memoryview) -> None:
-        self._write(chunk)
-
-    def end_data(self) -> None:
-        self._write(b"\0" * (-self.offset % 512))
 
     def finish(self) -> None:
         self._write(b"\0" * 1024)
