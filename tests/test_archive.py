@@ -35,6 +35,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uvmkit.archive import Entry, Kind, read_cpio, read_tar
+from uvmkit.base import ForwardReader
 from uvmkit.errors import BadInputError, UvmkitError
 from uvmkit.tree import Tree
 
@@ -482,3 +483,55 @@ def test_damaged_cpio_ends_in_a_tree_or_a_clean_error(at: int, junk: bytes, cut:
         pass
     finally:
         os.close(fd)
+
+
+# --- tar from a stream (an engine export as it arrives) ---------------------------------
+
+
+def test_stream_reader_reads_skips_forward_and_refuses_to_go_back() -> None:
+    kept: list[bytes] = []
+    stream = ForwardReader(iter([b"abc", b"", b"defgh", b"ij"]), kept.append)
+
+    assert stream.read(2) == b"ab"
+    assert stream.seek(2, os.SEEK_CUR) == 4
+    assert stream.read(3) == b"efg" and stream.tell() == 7
+    with pytest.raises(io.UnsupportedOperation):
+        stream.seek(6)
+    with pytest.raises(io.UnsupportedOperation):
+        stream.seek(0, os.SEEK_END)
+    assert stream.read() == b"hij"
+    # Past the end, as in a file: the position moves and reads give nothing.
+    assert stream.seek(20) == 20 and stream.read(5) == b""
+    assert kept == [b"abc", b"", b"defgh", b"ij"]
+
+
+_STREAMED_TAR = tar_bytes(
+    [
+        directory(b"etc"),
+        file(b"etc/hostname", b"uvm\n"),
+        gnu_long(symlink(b"l/" + b"n" * 140, b"/" + b"t" * 200)),
+        file(b"etc/big", os.urandom(5000), pax={b"path": b"etc/" + b"p" * 120}),
+        hardlink(b"etc/again", b"etc/hostname"),
+    ]
+) + bytes(3000)  # padding after the end-of-archive marker, as a tar record leaves
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=2000), min_size=1, max_size=40))
+def test_tar_read_as_it_streams_matches_the_file(sizes: list[int]) -> None:
+    data = _STREAMED_TAR
+    chunks, at = [], 0
+    while at < len(data):
+        size = sizes[len(chunks) % len(sizes)]
+        chunks.append(data[at : at + size])
+        at += size
+    kept: list[bytes] = []
+    stream = ForwardReader(iter(chunks), kept.append)
+
+    streamed = list(read_tar(stream, "stream"))
+    stream.drain()
+
+    assert streamed == entries(data)
+    assert [e.name for e in streamed][:2] == [b"etc", b"etc/hostname"]
+    # Every byte reached `keep`, the padding the reader never looked at included.
+    assert b"".join(kept) == data

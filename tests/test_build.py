@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,6 +223,29 @@ def test_damaged_cache_entry_is_rebuilt_not_used(busybox_image: str, tmp_path: P
     assert second.returncode == 0, second.stderr
     assert "is damaged" in second.stderr
     assert (tmp_path / "b" / "initrd.img").read_bytes() == good
+
+
+def test_export_read_as_it_streams_builds_what_the_spooled_export_builds(
+    debian_image: str, tmp_path: Path
+) -> None:
+    """A first build reads the engine's export as it arrives; a later one finds the export
+    in the cache and reads the file. Both must write the same bytes."""
+    env = _env(tmp_path, UVMKIT_DEBUG="1")
+    first = invoke("build-all", "--base", debian_image, "--out", str(tmp_path / "a"), env=env)
+    assert first.returncode == 0, first.stderr
+    assert "read the base's entries as the export streamed in" in first.stderr
+    # Keep the export; forget the artifacts and their segments, so everything is written.
+    for kind in ("builds", "segments"):
+        shutil.rmtree(tmp_path / "cache" / "uvmkit" / kind)
+
+    second = invoke("build-all", "--base", debian_image, "--out", str(tmp_path / "b"), env=env)
+
+    assert second.returncode == 0, second.stderr
+    assert f"export of {debian_image}: reused from the cache" in second.stderr
+    assert "Reading the base (1 layer(s))" in second.stderr
+    assert "streamed in" not in second.stderr
+    for name in ARTIFACTS:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 def test_usr_merged_debian_base(debian_image: str, tmp_path: Path) -> None:

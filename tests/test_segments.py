@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 from helpers import by_path, directory, file, invoke, read_archive, write_tar
 
-from uvmkit.compress import GZIP_BLOCK, CompressedWriter, Segment
+from uvmkit.compress import (
+    GZIP_BLOCK,
+    LARGE_FILE,
+    CompressedWriter,
+    Segment,
+    _deflate_block,
+    write_file,
+)
 from uvmkit.config import Compression
 
 ARTIFACTS = ("initrd.img", "rootfs.tar.gz", "delta.tar.gz")
@@ -93,6 +100,76 @@ def test_segment_hash_is_of_its_compressed_bytes() -> None:
     data, segments = _gzip([_payload(70_000, 6), _payload(90_000, 7)])
     for seg in segments:
         assert seg.sha256 == hashlib.sha256(data[seg.offset : seg.offset + seg.length]).hexdigest()
+
+
+def _blocks(data: bytes) -> list[bytes]:
+    return [data[i : i + GZIP_BLOCK] for i in range(0, len(data), GZIP_BLOCK)]
+
+
+def test_a_large_file_is_compressed_once_into_both_streams() -> None:
+    big = _payload(2 * GZIP_BLOCK + 4321, 20)
+    # The same file between different headers and trailers, as in the cpio and the tar.
+    around = [(b"070701 a newc header " * 9, b"TRAILER!!!"), (b"a tar header\0" * 40, bytes(1024))]
+    buffers = [_Buffer(), _Buffer()]
+    writers = [CompressedWriter(b, Compression.GZIP, 3) for b in buffers]
+    for writer, (header, _) in zip(writers, around, strict=True):
+        writer.write(header)
+    write_file(writers, _blocks(big), len(big))
+    for writer, (_, trailer) in zip(writers, around, strict=True):
+        writer.write(trailer)
+        writer.close()
+
+    # The file's compressed bytes: its blocks chained from no dictionary, whatever came
+    # before them, are in both streams.
+    chain, dictionary = b"", b""
+    for block in _blocks(big):
+        chain += _deflate_block(3, block, dictionary)[0]
+        dictionary = block[-32 * 1024 :]
+    for buffer, (header, trailer) in zip(buffers, around, strict=True):
+        assert chain in buffer.getvalue()
+        assert zlib.decompress(buffer.getvalue(), 31) == header + big + trailer
+
+
+def test_sharing_a_file_changes_no_byte_of_either_stream() -> None:
+    files = [_payload(LARGE_FILE, 21), _payload(LARGE_FILE - 1, 22), _payload(3 * GZIP_BLOCK, 23)]
+
+    def write(shared: bool) -> list[bytes]:
+        buffers = [_Buffer(), _Buffer()]
+        writers = [CompressedWriter(b, Compression.GZIP, 3) for b in buffers]
+        for n, data in enumerate(files):
+            for w, writer in enumerate(writers):
+                writer.write(b"header %d of stream %d;" % (n, w))
+            if shared:
+                write_file(writers, _blocks(data), len(data))
+            else:
+                for writer in writers:
+                    write_file([writer], _blocks(data), len(data))
+        for writer in writers:
+            writer.close()
+        return [b.getvalue() for b in buffers]
+
+    shared, alone = write(shared=True), write(shared=False)
+    assert shared == alone
+    expected = b"".join(b"header %d of stream 1;" % n + data for n, data in enumerate(files))
+    assert zlib.decompress(shared[1], 31) == expected
+
+
+def test_only_files_from_the_chain_size_on_are_chained() -> None:
+    for size, chained in ((LARGE_FILE, True), (LARGE_FILE - 1, False)):
+        data = _payload(size, 24)
+        # A smaller file is compressed with what precedes it (here, text it repeats).
+        out, _ = _gzip_file(data[-30_000:], data)
+        assert (_deflate_block(3, data, b"")[0] in out) is chained
+        assert zlib.decompress(out, 31) == data[-30_000:] + data
+
+
+def _gzip_file(header: bytes, data: bytes) -> tuple[bytes, CompressedWriter]:
+    buffer = _Buffer()
+    writer = CompressedWriter(buffer, Compression.GZIP, 3)
+    writer.write(header)
+    write_file([writer], _blocks(data), len(data))
+    writer.close()
+    return buffer.getvalue(), writer
 
 
 def test_zstd_and_plain_streams_are_never_cut() -> None:

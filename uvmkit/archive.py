@@ -14,7 +14,7 @@ import stat
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from .errors import BadInputError, show_name
 
@@ -207,17 +207,27 @@ def _apply_pax(entry: Entry, records: dict[bytes, bytes], archive: str) -> None:
             )
 
 
+class TarSource(Protocol):
+    """What `read_tar` reads from: a file, or a stream it only skips forward through."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+    def seek(self, offset: int, whence: int = os.SEEK_SET, /) -> int: ...
+    def tell(self) -> int: ...
+    def seekable(self) -> bool: ...
+
+
 def read_tar(
-    f: BinaryIO, archive: str, *, start: int = 0, end: int | None = None
+    f: TarSource, archive: str, *, start: int = 0, end: int | None = None
 ) -> Iterator[Entry]:
     """Yield the entries of a tar file; `archive` names it in errors.
 
-    `f` must be seekable: data is skipped, not read, and each entry's `offset` (from the
-    start of `f`) says where its bytes are. `start` and `end` select a tar stored inside
-    a larger file, such as a layer in an uncompressed `docker save` archive.
+    Data is skipped, not read, and each entry's `offset` (from the start of `f`) says where
+    its bytes are. `start` and `end` select a tar stored inside a larger file, such as a
+    layer in an uncompressed `docker save` archive. `f` may be a stream that cannot seek
+    (see `base.ForwardReader`): it is read to its end, skipping forward only.
     """
     if end is None:
-        end = f.seek(0, os.SEEK_END)
+        end = f.seek(0, os.SEEK_END) if f.seekable() else 1 << 62
     f.seek(start)
     pending_pax: dict[bytes, bytes] = {}
     global_pax: dict[bytes, bytes] = {}

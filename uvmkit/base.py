@@ -10,12 +10,16 @@ cache once and reused.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import hashlib
+import io
 import os
 import queue
 import shutil
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +51,13 @@ class Layer:
     # A `docker export`: the image's creation time (seconds), to undo what the engine adds
     # to every container (see engine.export_entries). None for any other layer.
     export_of_image_created: int | None = None
+
+
+# Called with a layer being made now (an engine export) and a stream of its bytes as they
+# arrive, to read it on the way; `layer.path` is where those bytes are landing, which
+# may be renamed once the layer is complete. It must not read file data from the path
+# before then: only note where it is.
+Follow = Callable[[Layer, "ForwardReader"], None]
 
 
 @dataclass(frozen=True)
@@ -145,11 +156,22 @@ def _directory_digest(root: Path) -> str:
 
 
 def materialize(
-    base: BaseId, *, cache: Cache, work_dir: Path, platform: str = "linux/amd64"
+    base: BaseId,
+    *,
+    cache: Cache,
+    work_dir: Path,
+    platform: str = "linux/amd64",
+    follow: Follow | None = None,
 ) -> BaseSource:
-    """The base's layers on disk: exported, decompressed or located once, then reused."""
+    """The base's layers on disk: exported, decompressed or located once, then reused.
+
+    `follow`, if given, is called with each layer that is exported now, while its bytes
+    stream in (see `Follow`).
+    """
     if base.image is not None:
-        return from_engine(base.image, cache=cache, work_dir=work_dir, platform=platform)
+        return from_engine(
+            base.image, cache=cache, work_dir=work_dir, platform=platform, follow=follow
+        )
     assert base.path is not None
     return from_file(base.path, base.id, cache=cache, work_dir=work_dir, platform=platform)
 
@@ -158,7 +180,12 @@ def materialize(
 
 
 def from_engine(
-    info: engine.ImageInfo, *, cache: Cache, work_dir: Path, platform: str = DEFAULT_PLATFORM
+    info: engine.ImageInfo,
+    *,
+    cache: Cache,
+    work_dir: Path,
+    platform: str = DEFAULT_PLATFORM,
+    follow: Follow | None = None,
 ) -> BaseSource:
     """Export an engine image's tree once per image ID; later builds reuse the export.
 
@@ -177,17 +204,22 @@ def from_engine(
     origin = info.labels.get("org.uvmkit.origin", "") or info.comment
     key = info.id.removeprefix("sha256:")
 
-    def make(directory: Path) -> None:
-        with step(f"Exporting {ref}"):
-            cache.note_hash(directory / "rootfs.tar", _export(info, directory / "rootfs.tar"))
-
-    entry = cache.get_or_make("exports", key, f"export of {ref}", make, scratch=work_dir / "export")
     layer = Layer(
-        entry / "rootfs.tar",
+        Path("rootfs.tar"),
         LayerFormat.TAR,
         name=f"export of image {ref}",
         export_of_image_created=engine.created_epoch(info),
     )
+
+    def make(directory: Path) -> None:
+        target = directory / layer.path
+        landing = dataclasses.replace(layer, path=target)
+        reader = functools.partial(follow, landing) if follow is not None else None
+        with step(f"Exporting {ref}"):
+            cache.note_hash(target, _export(info, target, reader))
+
+    entry = cache.get_or_make("exports", key, f"export of {ref}", make, scratch=work_dir / "export")
+    layer = dataclasses.replace(layer, path=entry / layer.path)
     return BaseSource(
         ref=ref,
         kind="docker-image",
@@ -198,16 +230,26 @@ def from_engine(
     )
 
 
-def _export(info: engine.ImageInfo, target: Path) -> str:
-    """Stream the image's export into `target`; returns its sha256."""
+def _export(
+    info: engine.ImageInfo,
+    target: Path,
+    reader: Callable[[ForwardReader], None] | None = None,
+) -> str:
+    """Stream the image's export into `target`; returns its sha256.
+
+    With `reader`, the stream is also handed to it as it arrives (it reads forward only,
+    and whatever it leaves unread is still written).
+    """
     # Writing to disk costs about as much as receiving; a writer thread overlaps the two,
     # and hashes on the way, for the cache entry.
     chunks_to_write: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
     failure: list[BaseException] = []
     digest = hashlib.sha256()
+    # Created here, so the file is there for `reader` to note before a byte arrives.
+    out = target.open("wb")
 
     def write_all() -> None:
-        with target.open("wb") as out:
+        with out:
             while (chunk := chunks_to_write.get()) is not None:
                 if not failure:
                     try:
@@ -223,17 +265,94 @@ def _export(info: engine.ImageInfo, target: Path) -> str:
             engine.export_image(info) as chunks,
             progress(total=info.size or None, desc=f"export {info.ref}") as bar,
         ):
-            for chunk in chunks:
+
+            def keep(chunk: bytes) -> None:
                 if failure:
-                    break
+                    raise failure[0]
                 chunks_to_write.put(chunk)
                 bar.update(len(chunk))
+
+            stream = ForwardReader(chunks, keep)
+            if reader is not None:
+                reader(stream)
+            stream.drain()
     finally:
         chunks_to_write.put(None)
         writer.join()
     if failure:
         raise failure[0]
     return digest.hexdigest()
+
+
+class ForwardReader:
+    """A file-like view of a stream of chunks that reads and skips forward only.
+
+    Every chunk is handed to `keep` as it is pulled, so a reader can parse an archive as
+    it arrives while `keep` spools all of it to disk. A tar reader only skips forward, so
+    it reads this as it would the spooled file, with the same offsets.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], keep: Callable[[bytes], None]) -> None:
+        self._chunks = chunks
+        self._keep = keep
+        self._chunk = b""
+        self._at = 0  # how much of the current chunk is consumed
+        self._pos = 0  # the stream offset of self._chunk[self._at]
+        self._ended = False
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to `size` bytes (all the rest when negative); fewer only at the end."""
+        parts = []
+        while size != 0 and self._fill():
+            take = len(self._chunk) - self._at
+            if size > 0:
+                take = min(take, size)
+                size -= take
+            parts.append(self._chunk[self._at : self._at + take])
+            self._at += take
+            self._pos += take
+        return b"".join(parts)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET, /) -> int:
+        """Skip forward to `offset` (or by it, from SEEK_CUR); past the end is allowed, as
+        in a file, and reads there return nothing."""
+        if whence == os.SEEK_CUR:
+            offset += self._pos
+        elif whence != os.SEEK_SET:
+            raise io.UnsupportedOperation("a stream has no end to seek from")
+        if offset < self._pos:
+            raise io.UnsupportedOperation("a stream is read forward only")
+        while self._pos < offset and self._fill():
+            take = min(offset - self._pos, len(self._chunk) - self._at)
+            self._at += take
+            self._pos += take
+        self._pos = offset
+        return offset
+
+    def drain(self) -> None:
+        """Pull the rest of the stream, unread, so that `keep` gets all of it."""
+        while self._fill():
+            self._pos += len(self._chunk) - self._at
+            self._at = len(self._chunk)
+
+    def _fill(self) -> bool:
+        """Make sure unread bytes are at hand; False at the end of the stream."""
+        while self._at == len(self._chunk):
+            if self._ended:
+                return False
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self._ended = True
+                return False
+            self._keep(chunk)
+            self._chunk, self._at = chunk, 0
+        return True
 
 
 # --- files --------------------------------------------------------------------------

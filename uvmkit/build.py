@@ -31,7 +31,15 @@ from typing import BinaryIO
 
 from . import __version__, engine, guest
 from .archive import Entry, Kind, read_cpio, read_tar
-from .base import BaseId, BaseSource, LayerFormat, identify, materialize
+from .base import (
+    BaseId,
+    BaseSource,
+    ForwardReader,
+    Layer,
+    LayerFormat,
+    identify,
+    materialize,
+)
 from .cache import ENTRY_FILE, Cache, cache_key, sha256_file
 from .compress import CompressedWriter
 from .config import TEMPLATES_DIR, BuildConfig, Compression, InitChoice, default_cache_dir
@@ -180,6 +188,10 @@ def _build(ctx: BuildContext) -> BuildResult:
             # export stays in this thread, where Ctrl-C lands and stops it at once.
             compiled = pool.submit(build_agent, ctx)
             materialize_base(ctx)
+            if ctx.tree is None and not compiled.done():
+                # The base is read while the compiler runs: needed unless the artifacts
+                # turn out to be cached, and free then, as the compiler is the wait.
+                merge_base(ctx)
             compiled.result()
     ctx.key = build_key(ctx)
 
@@ -202,7 +214,8 @@ def _build(ctx: BuildContext) -> BuildResult:
 
     if ctx.base is None:
         materialize_base(ctx)
-    merge_base(ctx)
+    if ctx.tree is None:
+        merge_base(ctx)
     if needs_guest:
         add_guest_layer(ctx)
         check_init(ctx.tree, ctx.config.recipe.init)  # type: ignore[arg-type]
@@ -359,11 +372,30 @@ def _write_stamp(ctx: BuildContext, names: Sequence[str]) -> None:
 
 
 def materialize_base(ctx: BuildContext) -> None:
+    """Get the base's layers on disk. An engine export is read into the tree as it streams
+    in, which costs no time: the engine is the wait."""
     assert ctx.base_id is not None
+    tree = Tree(mtime=ctx.config.source_date_epoch)
+    streamed: list[int] = []
+
+    def read(layer: Layer, stream: ForwardReader) -> None:
+        fd = _open_layer(ctx, layer.path)
+        _apply_layer(tree, layer, stream, fd)
+        streamed.append(fd)
+
     with _keeping_warnings(ctx, module="image_archive"):
         ctx.base = materialize(
-            ctx.base_id, cache=ctx.cache, work_dir=ctx.work, platform=ctx.config.platform
+            ctx.base_id,
+            cache=ctx.cache,
+            work_dir=ctx.work,
+            platform=ctx.config.platform,
+            follow=read,
         )
+    if streamed and len(streamed) == len(ctx.base.layers):
+        for index, (fd, layer) in enumerate(zip(streamed, ctx.base.layers, strict=True)):
+            ctx.layer_ids[fd] = _layer_id(ctx, index, layer)
+        ctx.tree = tree
+        log.debug("read the base's entries as the export streamed in")
 
 
 @contextlib.contextmanager
@@ -390,20 +422,35 @@ def merge_base(ctx: BuildContext) -> None:
     tree = Tree(mtime=ctx.config.source_date_epoch)
     with step(f"Reading the base ({len(ctx.base.layers)} layer(s))"):
         for index, layer in enumerate(ctx.base.layers):
+            fd = _open_layer(ctx, layer.path)
+            ctx.layer_ids[fd] = _layer_id(ctx, index, layer)
             with layer.path.open("rb") as f:
-                if layer.format is LayerFormat.CPIO:
-                    entries = read_cpio(f, layer.name)
-                else:
-                    entries = read_tar(f, layer.name, start=layer.start, end=layer.end)
-                if layer.export_of_image_created is not None:
-                    entries = engine.export_entries(entries, layer.export_of_image_created)
-                # File data is read through this fd when the artifacts are written.
-                fd = os.open(layer.path, os.O_RDONLY | os.O_CLOEXEC)
-                ctx.fds.append(fd)
-                # The base's content identity (hashed this build) and the file's own.
-                ctx.layer_ids[fd] = f"{ctx.base.id}#{index}:{layer_identity(layer.path)}"
-                tree.apply_layer(entries, fd=fd, archive=layer.name)
+                _apply_layer(tree, layer, f, fd)
     ctx.tree = tree
+
+
+def _open_layer(ctx: BuildContext, path: Path) -> int:
+    """A descriptor file data is read through when the artifacts are written."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    ctx.fds.append(fd)
+    return fd
+
+
+def _layer_id(ctx: BuildContext, index: int, layer: Layer) -> str:
+    """The base's content identity (hashed this build) and the layer file's own."""
+    assert ctx.base is not None
+    return f"{ctx.base.id}#{index}:{layer_identity(layer.path)}"
+
+
+def _apply_layer(tree: Tree, layer: Layer, f: BinaryIO | ForwardReader, fd: int) -> None:
+    if layer.format is LayerFormat.CPIO:
+        assert not isinstance(f, ForwardReader)
+        entries = read_cpio(f, layer.name)
+    else:
+        entries = read_tar(f, layer.name, start=layer.start, end=layer.end)
+    if layer.export_of_image_created is not None:
+        entries = engine.export_entries(entries, layer.export_of_image_created)
+    tree.apply_layer(entries, fd=fd, archive=layer.name)
 
 
 def reuse_agent(ctx: BuildContext) -> bool:

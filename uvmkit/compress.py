@@ -7,6 +7,14 @@ worker threads compress while the caller goes on producing; each block is compre
 the one before it as a dictionary, so the ratio stays within a fraction of a percent of
 one deflate stream.
 
+A large file's data (LARGE_FILE bytes or more) is compressed as a chain of blocks of its
+own: the block before it ends where the file's data begins, and the chain starts with no
+dictionary. Its compressed bytes then depend on the file alone, not on the archive format
+around it, so when the same file goes into several gzip streams at one level (initrd.img
+and rootfs.tar.gz) it is compressed once and the blocks are written to each. Every gzip
+stream follows this rule whether or not another stream shares the work, so sharing never
+changes a byte.
+
 A gzip stream can also be cut into *segments*: at a cut the dictionary is dropped, so the
 compressed bytes of what follows depend on nothing before it. A segment compressed once
 can then be spliced, byte for byte, into another stream at a cut. This is how a rebuild
@@ -22,8 +30,9 @@ import hashlib
 import queue
 import struct
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from .config import Compression
 
@@ -37,6 +46,16 @@ GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 # An empty fixed-Huffman block with the final bit set ends the deflate stream.
 DEFLATE_END = b"\x03\x00"
 SPLICE_CHUNK = 1 << 20
+# From this size on, a file's data is a chain of blocks of its own (see above). Smaller
+# files compress better with what precedes them as their dictionary.
+LARGE_FILE = 64 * 1024
+_Compressed = concurrent.futures.Future[tuple[bytes, int]]
+
+
+class Sink(Protocol):
+    """Anything the archive writers write to."""
+
+    def write(self, data: bytes | memoryview, /) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,7 @@ class CompressedWriter:
 
     def __init__(self, raw: BinaryIO, compression: Compression, level: int) -> None:
         self.raw = raw
+        self.level = level
         self.written = 0
         self._buffer = bytearray()
         self._gzip: GzipStream | None = None
@@ -116,6 +136,10 @@ class CompressedWriter:
         self._gzip.splice(source, segment)
         self.written += segment.size
 
+    def _chains(self, size: int) -> bool:
+        """True when a file of `size` bytes is written to this stream as a chain."""
+        return self._gzip is not None and size >= LARGE_FILE
+
     def _flush_buffer(self) -> None:
         if self._buffer:
             assert self._gzip is not None
@@ -147,6 +171,35 @@ class CompressedWriter:
             self.raw.close()
 
 
+def write_file(sinks: Sequence[Sink], blocks: Iterable[bytes], size: int) -> None:
+    """Write one file's data to every sink; `blocks` yields it in GZIP_BLOCK pieces (the
+    last one shorter) and `size` is their total.
+
+    A gzip stream takes a large file as a chain of its own (see the module's docstring);
+    the chain's blocks are compressed once for all the streams at the same level.
+    """
+    chained = [s for s in sinks if isinstance(s, CompressedWriter) and s._chains(size)]
+    plain = [s for s in sinks if not any(s is c for c in chained)]
+    for writer in chained:
+        writer._flush_buffer()
+        assert writer._gzip is not None
+        writer._gzip.restart()
+    dictionary = b""
+    for block in blocks:
+        futures: dict[int, _Compressed] = {}
+        for writer in chained:
+            gzip = writer._gzip
+            assert gzip is not None
+            future = futures.get(writer.level)
+            if future is None:
+                future = futures[writer.level] = gzip.submit(block, dictionary)
+            gzip.add_compressed(future, len(block), block)
+            writer.written += len(block)
+        for sink in plain:
+            sink.write(block)
+        dictionary = block[-DEFLATE_WINDOW:]
+
+
 _compressors = threading.local()
 
 
@@ -167,9 +220,6 @@ def _deflate_block(level: int, block: bytes, dictionary: bytes) -> tuple[bytes, 
         _compressors.by_level = {**getattr(_compressors, "by_level", {}), level: compressor}
     data, crc = compressor.compress_and_crc(block, dictionary)
     return bytes(data), int(crc)
-
-
-_Compressed = concurrent.futures.Future[tuple[bytes, int]]
 
 
 class GzipStream:
@@ -206,11 +256,25 @@ class GzipStream:
         self._writer.start()
 
     def add_block(self, block: bytes) -> None:
-        """Queue one block; all but the last of a segment must be GZIP_BLOCK long."""
+        """Queue one block, compressed with the end of the block before as its dictionary."""
+        self.add_compressed(self.submit(block, self._dictionary), len(block), block)
+
+    def submit(self, block: bytes, dictionary: bytes) -> _Compressed:
+        """Start compressing a block on this stream's threads; nothing is written yet."""
         self._check()
-        future = self._pool.submit(_deflate_block, self._level, block, self._dictionary)
-        self._queue.put((future, len(block)))
+        return self._pool.submit(_deflate_block, self._level, block, dictionary)
+
+    def add_compressed(self, future: _Compressed, size: int, block: bytes) -> None:
+        """Queue a block being compressed (perhaps by another stream at this level): it is
+        written after the blocks queued before it, and the next block's dictionary is its
+        end. `size` is its length before compression."""
+        self._check()
+        self._queue.put((future, size))
         self._dictionary = block[-DEFLATE_WINDOW:]
+
+    def restart(self) -> None:
+        """Drop the dictionary: the next block depends on nothing before it."""
+        self._dictionary = b""
 
     def cut(self) -> Segment:
         """Write out everything queued, drop the dictionary, and return the segment."""

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from .archive import BLOCK, Kind
+from .compress import GZIP_BLOCK, Sink, write_file
 from .errors import FormatLimitError, show_name
 from .log import log
 from .tree import Blob, Inode
 
-COPY_CHUNK = 1 << 20
 NEWC_MAX = 0xFFFFFFFF
 NEWC_TRAILER = b"TRAILER!!!"
 # The kernel's initramfs unpacker skips, without a word, names and symlink targets that
@@ -44,12 +43,6 @@ _TAR_FLAGS = {
     Kind.FIFO: b"6",
 }
 TAR_RECORD = 10240
-
-
-class Sink(Protocol):
-    """Where the writers put their bytes."""
-
-    def write(self, data: bytes | memoryview, /) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,27 +400,37 @@ class TarWriter(_ArchiveWriter):
 
 
 def copy_data(inode: Inode, outputs: Sequence[NewcWriter | TarWriter]) -> None:
-    """Send a regular file's bytes to each writer; a short read is an error naming it."""
+    """Send a regular file's bytes to each writer; a short read is an error naming it.
+
+    The data goes to the writers' sinks in whole blocks, so a large file is compressed
+    once for all of them (see `compress.write_file`).
+    """
     if not outputs:
         return
     data = inode.data
-    if isinstance(data, bytes) or data is None:
-        for out in outputs:
-            out.data(data or b"")
-        return
-    _copy_blob(data, inode.size, outputs)
+    if isinstance(data, Blob):
+        blocks: Iterable[bytes] = _read_blocks(data, inode.size)
+    else:
+        data = data or b""
+        blocks = (data[i : i + GZIP_BLOCK] for i in range(0, len(data), GZIP_BLOCK))
+    write_file([out.sink for out in outputs], blocks, inode.size)
+    for out in outputs:
+        out.offset += inode.size
 
 
-def _copy_blob(blob: Blob, size: int, outputs: Sequence[NewcWriter | TarWriter]) -> None:
+def _read_blocks(blob: Blob, size: int) -> Iterator[bytes]:
+    """A blob's bytes in GZIP_BLOCK pieces (the last one shorter), whatever pread returns."""
     offset, left = blob.offset, size
     while left:
-        chunk = os.pread(blob.fd, min(left, COPY_CHUNK), offset)
-        if not chunk:
-            raise FormatLimitError(f"{blob.archive}: ended while reading a file's data")
-        for out in outputs:
-            out.data(chunk)
-        offset += len(chunk)
-        left -= len(chunk)
+        block = os.pread(blob.fd, min(left, GZIP_BLOCK), offset)
+        while len(block) < min(left, GZIP_BLOCK):
+            more = os.pread(blob.fd, min(left, GZIP_BLOCK) - len(block), offset + len(block))
+            if not more:
+                raise FormatLimitError(f"{blob.archive}: ended while reading a file's data")
+            block += more
+        yield block
+        offset += len(block)
+        left -= len(block)
 
 
 def write_archives(
