@@ -242,6 +242,12 @@ def test_guest_change_reuses_the_base_and_matches_a_cold_build(tmp_path: Path, b
     assert initrd[b"etc/motd"].data == b"second\n"
     assert initrd[b"usr/words"].data == _payload(3 * GZIP_BLOCK, 10)
 
+    # A third change splices again, now from the second build's artifacts, where the
+    # segments lie at other offsets (the guest layer before them changed size).
+    third = _build(tmp_path, _recipe(tmp_path, base, b"third, and longer than both\n"), "d")
+    assert third.stderr.count("a compressed segment of initrd.img: reused") == reused
+    assert "compressing afresh" not in third.stderr
+
 
 def test_damaged_cached_artifact_is_not_spliced(tmp_path: Path, base: Path) -> None:
     _build(tmp_path, _recipe(tmp_path, base, b"first\n"), "a")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import queue
@@ -126,15 +127,17 @@ class CompressedWriter:
         self._flush_buffer()
         return self._gzip.cut()
 
-    def splice(self, source: BinaryIO, segment: Segment) -> None:
-        """Append a segment that another gzip stream cut, read from `source`.
+    def splice(self, source: BinaryIO, segment: Segment) -> Segment:
+        """Append a segment that another gzip stream cut, read from `source`; returns it
+        as it now lies in this stream.
 
         Call it right after a cut. The segment must have been compressed at this stream's
         level from the bytes that belong here; checking that is the caller's part.
         """
         assert self._gzip is not None and not self._buffer
-        self._gzip.splice(source, segment)
+        placed = self._gzip.splice(source, segment)
         self.written += segment.size
+        return placed
 
     def _chains(self, size: int) -> bool:
         """True when a file of `size` bytes is written to this stream as a chain."""
@@ -290,12 +293,14 @@ class GzipStream:
         self._start_segment()
         return segment
 
-    def splice(self, source: BinaryIO, segment: Segment) -> None:
-        """Copy a segment's compressed bytes from `source` (at a cut) into this stream."""
+    def splice(self, source: BinaryIO, segment: Segment) -> Segment:
+        """Copy a segment's compressed bytes from `source` (at a cut) into this stream;
+        returns the segment at its place here."""
         from isal import isal_zlib
 
         self._drain()
         assert not self._dictionary, "a segment is spliced only at a cut"
+        placed = dataclasses.replace(segment, offset=self._offset)
         source.seek(segment.offset)
         left = segment.length
         while left:
@@ -308,6 +313,7 @@ class GzipStream:
         self._crc = isal_zlib.crc32_combine(self._crc, segment.crc, segment.size)
         self._size += segment.size
         self._start_segment()
+        return placed
 
     def close(self) -> None:
         """Finish the deflate stream and write the gzip trailer."""

@@ -132,9 +132,10 @@ class SegmentStore:
                 return None
             # Checked, so a failure from here on is the disk's, and fails the build: half a
             # segment must never stay in an artifact.
-            writer.splice(source, segment)
-        self._made.append((key, artifact, segment))
-        return segment
+            placed = writer.splice(source, segment)
+        # Recorded where it lies in this build's artifact, which replaces the record.
+        self._made.append((key, artifact, placed))
+        return placed
 
     def made(self, key: str, artifact: str, segment: Segment) -> None:
         """Note a segment this build wrote, to record once its artifact is cached."""
