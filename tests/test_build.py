@@ -458,12 +458,24 @@ def test_ctrl_c_leaves_nothing_behind(
     assert _labelled_containers(engine) == before
 
 
+def _communicate_or_dump(proc: subprocess.Popen[str], when: float) -> str:
+    """The stderr of a build told to stop; a failure with every thread's stack if it
+    does not stop within two minutes (SIGABRT makes faulthandler print them)."""
+    try:
+        return proc.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        stacks = proc.communicate(timeout=30)[1]
+        raise AssertionError(f"the build interrupted at {when} did not stop:\n{stacks}") from None
+
+
 @pytest.mark.slow
 def test_ctrl_c_at_any_moment_leaves_one_whole_build(
     busybox_image: str, debian_image: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    env = _env(tmp_path)
+    # A build that hangs instead of stopping shows where each of its threads waits.
+    env = _env(tmp_path, PYTHONFAULTHANDLER="1")
     first = invoke("build-all", "--base", busybox_image, "--out", str(out), env=env)
     assert first.returncode == 0, first.stderr
     argv = [sys.executable, "-m", "invoke", "build-all", "--no-cache", "--base", debian_image,
@@ -484,7 +496,7 @@ def test_ctrl_c_at_any_moment_leaves_one_whole_build(
         )  # fmt: skip
         time.sleep(duration * fraction)
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
+        stderr = _communicate_or_dump(proc, fraction)
 
         # A signal after the build returned (while Python exits) ends it by that signal.
         finished = "artifacts in" in stderr

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import signal
 import tarfile
 import uuid
+from typing import Any
 
 import docker
 import pytest
 from docker.errors import ImageNotFound
+from docker.models.containers import ContainerCollection
 
 from uvmkit.engine import EXPORT_LABEL, connect, export_image, resolve_image
 from uvmkit.errors import EngineError
@@ -73,6 +77,27 @@ def test_container_removed_on_ctrl_c(engine: docker.DockerClient, busybox_image:
     with pytest.raises(KeyboardInterrupt), export_image(info, client=engine) as stream:
         for _chunk in stream:
             raise KeyboardInterrupt
+
+    assert _our_containers(engine) == before
+
+
+def test_ctrl_c_while_the_engine_creates_the_container_leaves_none(
+    engine: docker.DockerClient, busybox_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C that lands while the engine is making the export's container: the
+    container exists, but its ID has not reached us yet."""
+    info = resolve_image(busybox_image, client=engine)
+    before = _our_containers(engine)
+    create = ContainerCollection.create
+
+    def create_then_ctrl_c(self: ContainerCollection, *args: Any, **kwargs: Any) -> Any:
+        container = create(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives before the ID is returned
+        return container
+
+    monkeypatch.setattr(ContainerCollection, "create", create_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt), export_image(info, client=engine) as stream:
+        next(stream)
 
     assert _our_containers(engine) == before
 

@@ -16,7 +16,6 @@ import functools
 import hashlib
 import io
 import os
-import queue
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from . import engine
 from .archive import header_checksum_ok
 from .cache import Cache, sha256_file
 from .errors import BadInputError
+from .interrupts import Handoff
 from .log import progress, step
 from .platforms import DEFAULT_PLATFORM, make_platform, parse_platform
 
@@ -242,7 +242,7 @@ def _export(
     """
     # Writing to disk costs about as much as receiving; a writer thread overlaps the two,
     # and hashes on the way, for the cache entry.
-    chunks_to_write: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+    chunks_to_write: Handoff[bytes | None] = Handoff(16)
     failure: list[BaseException] = []
     digest = hashlib.sha256()
     # Created here, so the file is there for `reader` to note before a byte arrives.
@@ -258,7 +258,7 @@ def _export(
                     except BaseException as exc:
                         failure.append(exc)
 
-    writer = threading.Thread(target=write_all, name="export-writer")
+    writer = threading.Thread(target=write_all, name="export-writer", daemon=True)
     writer.start()
     try:
         with (
@@ -277,7 +277,8 @@ def _export(
                 reader(stream)
             stream.drain()
     finally:
-        chunks_to_write.put(None)
+        # At once, even after a failure or Ctrl-C: the writer ends when it gets here.
+        chunks_to_write.put_now(None)
         writer.join()
     if failure:
         raise failure[0]

@@ -45,7 +45,7 @@ from .compress import CompressedWriter
 from .config import TEMPLATES_DIR, BuildConfig, Compression, InitChoice, default_cache_dir
 from .errors import BadInputError, Interrupted, ToolError, UvmkitError, show_name
 from .inits import check_init
-from .interrupts import deferred_interrupts, sigterm_as_interrupt
+from .interrupts import deferred_interrupts, result_of, sigterm_as_interrupt
 from .log import human_size, log, progress, step
 from .segments import Output, SegmentStore, layer_identity, split_runs, write_in_runs
 from .tree import WHITEOUT_PREFIX, Inode, Tree
@@ -192,7 +192,7 @@ def _build(ctx: BuildContext) -> BuildResult:
                 # The base is read while the compiler runs: needed unless the artifacts
                 # turn out to be cached, and free then, as the compiler is the wait.
                 merge_base(ctx)
-            compiled.result()
+            result_of(compiled)
     ctx.key = build_key(ctx)
 
     if ctx.manifest_wanted and ctx.config.use_cache and up_to_date(ctx):

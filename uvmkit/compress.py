@@ -24,7 +24,6 @@ after a change to the guest layer reuses the compressed base (see `segments.py`)
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from .config import Compression
+from .interrupts import Handoff
 
 # Both cores: the writer thread and the compressors outrun a single core by far.
 THREADS = 2
@@ -51,6 +51,8 @@ SPLICE_CHUNK = 1 << 20
 # files compress better with what precedes them as their dictionary.
 LARGE_FILE = 64 * 1024
 _Compressed = concurrent.futures.Future[tuple[bytes, int]]
+# Queued behind the blocks; the writer answers it when it gets there.
+_Marker = queue.SimpleQueue[None]
 
 
 class Sink(Protocol):
@@ -237,9 +239,8 @@ class GzipStream:
         self._raw = raw
         self._level = level
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "uvmkit-gzip")
-        self._queue: queue.Queue[tuple[_Compressed, int] | threading.Event | None] = queue.Queue(
-            maxsize=2 * threads
-        )
+        # Blocks in order, markers the caller waits on, and None to end.
+        self._queue: Handoff[tuple[_Compressed, int] | _Marker | None] = Handoff(2 * threads)
         self._error: BaseException | None = None
         self._dictionary = b""
         # The whole stream so far, and the segment since the last cut. The writer thread
@@ -324,24 +325,20 @@ class GzipStream:
 
     def abort(self) -> None:
         """Drop queued work and stop the threads; the file is left incomplete."""
+        # The writer cancels what is still queued instead of writing it.
         self._error = self._error or RuntimeError("aborted")
-        with contextlib.suppress(queue.Empty):
-            while True:
-                item = self._queue.get_nowait()
-                if isinstance(item, tuple):
-                    item[0].cancel()
         self._stop()
 
     def _stop(self) -> None:
-        self._queue.put(None)
+        self._queue.put_now(None)
         self._writer.join()
         self._pool.shutdown(cancel_futures=True)
 
     def _drain(self) -> None:
         """Wait until the writer has written everything queued so far."""
-        done = threading.Event()
+        done: _Marker = queue.SimpleQueue()
         self._queue.put(done)
-        done.wait()
+        done.get()
         self._check()
 
     def _check(self) -> None:
@@ -352,8 +349,8 @@ class GzipStream:
         from isal import isal_zlib
 
         while (item := self._queue.get()) is not None:
-            if isinstance(item, threading.Event):
-                item.set()
+            if isinstance(item, queue.SimpleQueue):
+                item.put(None)
                 continue
             future, size = item
             if self._error is not None:

@@ -25,6 +25,7 @@ from docker.utils import parse_repository_tag
 
 from .archive import Entry, Kind
 from .errors import BadInputError, EngineError
+from .interrupts import deferred_interrupts
 from .log import human_size, log, progress
 
 SYSTEM_SOCKET = Path("/var/run/docker.sock")
@@ -257,19 +258,24 @@ def export_image(
     block: normally, by an exception, or by Ctrl-C in the middle of the stream.
     """
     client = client or connect()
-    try:
-        container = client.containers.create(
-            info.id, command=DUMMY_COMMAND, network_disabled=True, labels={EXPORT_LABEL: "1"}
-        )
-    except (APIError, requests.RequestException) as exc:
-        raise EngineError(
-            f"cannot create a container from image {info.ref}: {_reason(exc)}"
-        ) from None
-    container_id = str(container.id)
-    log.debug("exporting %s through container %s", info.ref, container_id[:12])
-
+    container_id = ""
     response: requests.Response | None = None
     try:
+        # Ctrl-C waits until the engine has answered: a container it made for a request
+        # we gave up on would be left behind, its ID never known.
+        with deferred_interrupts():
+            try:
+                container = client.containers.create(
+                    info.id, command=DUMMY_COMMAND, network_disabled=True,
+                    labels={EXPORT_LABEL: "1"},
+                )  # fmt: skip
+            except (APIError, requests.RequestException) as exc:
+                raise EngineError(
+                    f"cannot create a container from image {info.ref}: {_reason(exc)}"
+                ) from None
+            container_id = str(container.id)
+        log.debug("exporting %s through container %s", info.ref, container_id[:12])
+
         # A plain GET rather than container.export(): the SDK's generator never closes its
         # response, and an early stop must hang up before the container is removed.
         api = client.api
@@ -283,7 +289,8 @@ def export_image(
     finally:
         if response is not None:
             response.close()
-        _remove(client, container_id, info)
+        if container_id:
+            _remove(client, container_id, info)
 
 
 def _chunks(info: ImageInfo, response: requests.Response) -> Iterator[bytes]:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import queue
 import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -46,3 +51,45 @@ def deferred_interrupts() -> Iterator[None]:
             signal.signal(sig, handler)
     if caught:
         raise KeyboardInterrupt
+
+
+class Handoff(Generic[T]):
+    """A bounded queue from the main thread to one worker thread that Ctrl-C cannot break.
+
+    `queue.Queue` waits on a Condition written in Python: a KeyboardInterrupt that lands
+    while the waiting thread takes its lock back leaves that lock released by the wrong
+    thread, and the worker then dies or waits forever. Here every step is a single call
+    into C (SimpleQueue), which either happens whole or not at all. Room is counted with
+    tokens in a second SimpleQueue.
+    """
+
+    def __init__(self, room: int) -> None:
+        self._items: queue.SimpleQueue[T] = queue.SimpleQueue()
+        self._room: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(room):
+            self._room.put(None)
+
+    def put(self, item: T) -> None:
+        """Wait for room, then hand `item` over."""
+        self._room.get()
+        self._items.put(item)
+
+    def put_now(self, item: T) -> None:
+        """Hand `item` over at once, room or not: for the last item, which ends the work
+        (also after a failure, when the worker may be far behind)."""
+        self._items.put(item)
+
+    def get(self) -> T:
+        """The next item, waiting for one (the worker's side)."""
+        item = self._items.get()
+        self._room.put(None)
+        return item
+
+
+def result_of(future: concurrent.futures.Future[T]) -> T:
+    """`future.result()`, waiting in C: a Ctrl-C while waiting leaves the future whole
+    (its own wait is a Python Condition, which Ctrl-C can break; see Handoff)."""
+    done: queue.SimpleQueue[None] = queue.SimpleQueue()
+    future.add_done_callback(lambda _: done.put(None))
+    done.get()
+    return future.result()
