@@ -29,6 +29,7 @@ import errno
 import hashlib
 import queue
 import struct
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -214,8 +215,9 @@ def _deflate_block(level: int, block: bytes, dictionary: bytes) -> tuple[bytes, 
     ISA-L's reusable block compressor (one per worker thread) does both without holding
     the GIL; it is what isal's own threaded gzip writer uses.
     """
-    from isal import isal_zlib
-
+    # Imported by GzipStream in the main thread already: an import here could wait on
+    # an import lock that Ctrl-C broke in another thread.
+    isal_zlib = sys.modules["isal.isal_zlib"]
     compressor = getattr(_compressors, "by_level", {}).get(level)
     if compressor is None:
         # Room for a block that does not compress at all, and the flush after it; level 0
@@ -236,6 +238,13 @@ class GzipStream:
     """
 
     def __init__(self, raw: BinaryIO, level: int, *, threads: int = THREADS) -> None:
+        # Imported here, in the caller's thread and before any worker starts: a worker
+        # that imported it itself could wait forever on an import lock that a Ctrl-C
+        # broke. (Not at the top: a build that finds its artifacts up to date never
+        # compresses, and isal takes a while to load.)
+        from isal import isal_zlib
+
+        self._zlib = isal_zlib
         self._raw = raw
         self._level = level
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "uvmkit-gzip")
@@ -297,8 +306,6 @@ class GzipStream:
     def splice(self, source: BinaryIO, segment: Segment) -> Segment:
         """Copy a segment's compressed bytes from `source` (at a cut) into this stream;
         returns the segment at its place here."""
-        from isal import isal_zlib
-
         self._drain()
         assert not self._dictionary, "a segment is spliced only at a cut"
         placed = dataclasses.replace(segment, offset=self._offset)
@@ -311,7 +318,7 @@ class GzipStream:
                 raise OSError(errno.EIO, "a cached segment ended early", name)
             self._emit(chunk)
             left -= len(chunk)
-        self._crc = isal_zlib.crc32_combine(self._crc, segment.crc, segment.size)
+        self._crc = self._zlib.crc32_combine(self._crc, segment.crc, segment.size)
         self._size += segment.size
         self._start_segment()
         return placed
@@ -346,8 +353,7 @@ class GzipStream:
             raise self._error
 
     def _write_loop(self) -> None:
-        from isal import isal_zlib
-
+        isal_zlib = self._zlib
         while (item := self._queue.get()) is not None:
             if isinstance(item, queue.SimpleQueue):
                 item.put(None)

@@ -2,9 +2,9 @@
 
 Both archives come from one pass over the sorted tree: each file's bytes are read once
 from the archive they live in and go to both writers (a large file's are compressed once
-for both, see `compress.write_file`). Output is reproducible by
-construction: entries sorted by path, mtimes clamped to SOURCE_DATE_EPOCH, inode
-numbers assigned in output order (never taken from the build host), numeric owners only.
+for both, see `compress.write_file`). Output is reproducible by construction: entries
+sorted by path, mtimes clamped to SOURCE_DATE_EPOCH, inode numbers assigned in output
+order (never taken from the build host), numeric owners only.
 """
 
 from __future__ import annotations
