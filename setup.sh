@@ -39,7 +39,8 @@ install_apt_packages() {
 # pyproject.toml declares (with the test extra) is present. Standard library only: it runs
 # before anything is installed.
 python_ready() {
-    "$PYTHON" - <<'PY'
+    # -P: not the checkout, whose uvmkit.egg-info would hide the installed metadata.
+    "$PYTHON" -P - <<'PY'
 import importlib.metadata as md
 import json
 import pathlib

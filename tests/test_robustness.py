@@ -312,3 +312,33 @@ def test_clean_removes_what_builds_published_and_nothing_else(base: Path, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in foreign.iterdir()) == ["init", "initrd.img", "manifest.json"]
     assert "holds no files a uvmkit build published; left them alone" in left_alone.stderr
+
+
+# --- tasks and limits ---------------------------------------------------------------------
+
+
+def test_the_agent_task_writes_the_guest_programs_alone(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = invoke("agent", "--out", str(out), tmp_path=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    for name in ("init", "uvmkit-agent"):
+        program = out / name
+        assert program.read_bytes()[:4] == b"\x7fELF"
+        assert program.stat().st_mode & 0o777 == 0o755
+    assert not (out / "initrd.img").exists()
+
+
+def test_a_source_date_epoch_past_2106_is_refused_for_the_initrd(
+    base: Path, tmp_path: Path
+) -> None:
+    # newc cpio holds 8 hex digits of mtime; more would make a corrupt initrd.
+    out = tmp_path / "out"
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), SOURCE_DATE_EPOCH="4294967296")
+    result = subprocess.run(
+        [sys.executable, "-m", "invoke", "build-all", "--base", str(base), "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+
+    assert_refused(result, out, "initrd.img", "past what newc cpio holds")
+    assert "SOURCE_DATE_EPOCH to 4294967295" in result.stderr

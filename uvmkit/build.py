@@ -637,12 +637,11 @@ def _iso_date(epoch: int) -> str:
 
 def write_artifacts(ctx: BuildContext) -> None:
     """initrd.img and rootfs.tar.gz in one pass over the tree, then the small ones."""
-    assert ctx.tree is not None
     config, targets = ctx.config, ctx.targets
     sde = config.source_date_epoch
 
     if Artifact.BASE in targets:
-        planned = plan(ctx.tree.sorted_entries(), source_date_epoch=sde)
+        planned = plan(_tree(ctx).sorted_entries(), source_date_epoch=sde)
         _write_pass(ctx, planned, initrd=False, rootfs=False, base=True)
     if Artifact.AGENT in targets:
         assert ctx.guest is not None
@@ -652,7 +651,7 @@ def write_artifacts(ctx: BuildContext) -> None:
             ctx.written.append(path.name)
     want_initrd, want_rootfs = Artifact.INITRD in targets, Artifact.ROOTFS in targets
     if want_initrd or want_rootfs:
-        planned = plan(ctx.tree.sorted_entries(), source_date_epoch=sde)
+        planned = plan(_tree(ctx).sorted_entries(), source_date_epoch=sde)
         if want_initrd:
             check_newc_limits(planned)
             lost = xattr_losses(planned)
@@ -670,6 +669,12 @@ def write_artifacts(ctx: BuildContext) -> None:
         delta = plan(ctx.delta, source_date_epoch=sde)
         with _artifact(ctx, Artifact.DELTA.value, Compression.GZIP, config.gzip_level) as sink:
             write_archives(delta, newc=None, tar=TarWriter(sink))
+
+
+def _tree(ctx: BuildContext) -> Tree:
+    """The merged tree: every artifact but the guest programs is written from it."""
+    assert ctx.tree is not None
+    return ctx.tree
 
 
 def _write_pass(

@@ -120,6 +120,12 @@ def check_newc_limits(planned: Sequence[Planned], *, artifact: str = "initrd.img
                     "holds",
                     hint="fix the owner or device number in the base",
                 )
+        if p.mtime > NEWC_MAX:
+            raise FormatLimitError(
+                f"{artifact}: {show_name(p.path)} has mtime {p.mtime}, past what newc cpio "
+                f"holds ({NEWC_MAX}, in the year 2106)",
+                hint=f"set SOURCE_DATE_EPOCH to {NEWC_MAX} or less (mtimes are clamped to it)",
+            )
         _check_kernel_names(p, artifact)
 
 
