@@ -142,9 +142,15 @@ class CompressedWriter:
         self.written += segment.size
         return placed
 
-    def _chains(self, size: int) -> bool:
-        """True when a file of `size` bytes is written to this stream as a chain."""
-        return self._gzip is not None and size >= LARGE_FILE
+    def begin_file(self, size: int) -> GzipStream | None:
+        """Get ready for a file of `size` bytes. A large one in a gzip stream starts a chain:
+        the block before it ends here, the dictionary is dropped, and the stream to queue
+        the chain's blocks on is returned. Otherwise None: write the data as usual."""
+        if self._gzip is None or size < LARGE_FILE:
+            return None
+        self._flush_buffer()
+        self._gzip.restart()
+        return self._gzip
 
     def _flush_buffer(self) -> None:
         if self._buffer:
@@ -184,18 +190,18 @@ def write_file(sinks: Sequence[Sink], blocks: Iterable[bytes], size: int) -> Non
     A gzip stream takes a large file as a chain of its own (see the module's docstring);
     the chain's blocks are compressed once for all the streams at the same level.
     """
-    chained = [s for s in sinks if isinstance(s, CompressedWriter) and s._chains(size)]
-    plain = [s for s in sinks if not any(s is c for c in chained)]
-    for writer in chained:
-        writer._flush_buffer()
-        assert writer._gzip is not None
-        writer._gzip.restart()
+    chained: list[tuple[CompressedWriter, GzipStream]] = []
+    plain: list[Sink] = []
+    for sink in sinks:
+        gzip = sink.begin_file(size) if isinstance(sink, CompressedWriter) else None
+        if isinstance(sink, CompressedWriter) and gzip is not None:
+            chained.append((sink, gzip))
+        else:
+            plain.append(sink)
     dictionary = b""
     for block in blocks:
         futures: dict[int, _Compressed] = {}
-        for writer in chained:
-            gzip = writer._gzip
-            assert gzip is not None
+        for writer, gzip in chained:
             future = futures.get(writer.level)
             if future is None:
                 future = futures[writer.level] = gzip.submit(block, dictionary)
