@@ -22,7 +22,7 @@ from invoke.tasks import task
 from uvmkit import build
 from uvmkit.build import clean_outputs
 from uvmkit.config import DEFAULT_IMAGE, make_build_config, parse_level
-from uvmkit.errors import UvmkitError
+from uvmkit.errors import UvmkitError, from_os_error
 from uvmkit.log import debug_enabled, log, setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,26 +42,35 @@ def friendly(func: F) -> F:
                 logging.getLogger(name).setLevel(logging.INFO)
         try:
             return func(*args, **kwargs)
-        except UvmkitError as exc:
-            if debug:
-                traceback.print_exc()
-            log.error("%s", exc.message)
-            if exc.hint:
-                print(f"  hint: {exc.hint}", file=sys.stderr)
-            raise Exit(code=1) from None
+        except Exit:
+            raise
         except KeyboardInterrupt as exc:
             log.error("%s", getattr(exc, "message", "interrupted"))
             raise Exit(code=130) from None
-        except Exit:
-            raise
         except Exception as exc:
             if debug:
                 traceback.print_exc()
-            log.error("internal error: %s: %s", type(exc).__name__, exc)
-            print("  hint: run `invoke --debug ...` for the traceback", file=sys.stderr)
-            raise Exit(code=70) from None
+            error = _for_the_user(exc)
+            if error is None:
+                log.error("internal error: %s: %s", type(exc).__name__, exc)
+                print("  hint: run `invoke --debug ...` for the traceback", file=sys.stderr)
+                raise Exit(code=70) from None
+            log.error("%s", error.message)
+            if error.hint:
+                print(f"  hint: {error.hint}", file=sys.stderr)
+            raise Exit(code=1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _for_the_user(exc: Exception) -> UvmkitError | None:
+    """The error as the user should see it; None for a fault of uvmkit's own."""
+    if isinstance(exc, UvmkitError):
+        return exc
+    if isinstance(exc, OSError):
+        # A full disk or a read-only --out is the machine's doing, not a bug.
+        return from_os_error(exc)
+    return None
 
 
 BUILD_HELP = {

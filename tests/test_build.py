@@ -198,13 +198,28 @@ def test_unchanged_rebuild_is_a_no_op_and_cache_serves_other_outs(
     first = invoke("build-all", "--base", busybox_image, "--out", str(tmp_path / "a"), env=env)
     assert first.returncode == 0, first.stderr
 
+    # Python lists every module it imports: neither build may load the Docker SDK, whose
+    # import alone would be a quarter of the time they take.
+    env["PYTHONPROFILEIMPORTTIME"] = "1"
     again = invoke("build-all", "--base", busybox_image, "--out", str(tmp_path / "a"), env=env)
     other = invoke("build-all", "--base", busybox_image, "--out", str(tmp_path / "b"), env=env)
 
     assert again.returncode == 0 and "is up to date" in again.stderr
     assert other.returncode == 0 and "reused the cached build" in other.stderr
+    for result in (again, other):
+        modules = _imported_modules(result.stderr)
+        assert "uvmkit.build" in modules
+        assert not modules & {"docker", "requests", "uvmkit.engine"}
     for name in ARTIFACTS:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def _imported_modules(stderr: str) -> set[str]:
+    """The modules named by PYTHONPROFILEIMPORTTIME's "import time: ... | name" lines."""
+    prefix = "import time:"
+    return {
+        line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith(prefix)
+    }
 
 
 def test_damaged_cache_entry_is_rebuilt_not_used(busybox_image: str, tmp_path: Path) -> None:

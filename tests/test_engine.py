@@ -8,6 +8,7 @@ import re
 import signal
 import tarfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -16,6 +17,7 @@ from docker.errors import ImageNotFound
 from docker.models.containers import ContainerCollection
 
 from uvmkit.engine import EXPORT_LABEL, connect, export_image, resolve_image
+from uvmkit.engine_images import lookup
 from uvmkit.errors import EngineError
 
 pytestmark = pytest.mark.engine
@@ -34,6 +36,32 @@ def test_resolve_local_image(engine: docker.DockerClient, busybox_image: str) ->
     assert info.comment.startswith("uvmkit seed: Debian busybox-static ")
     assert info.labels["org.uvmkit.origin"].startswith("debian:busybox-static=")
     assert info.size > 500_000
+
+
+def test_lookup_without_the_sdk_agrees_with_it(
+    engine: docker.DockerClient, busybox_image: str
+) -> None:
+    image = engine.images.get(busybox_image)
+    nested = f"uvmkit-test/lookup/{uuid.uuid4().hex[:8]}:nested"
+    image.tag(nested)
+    try:
+        for ref in (busybox_image, nested, image.id, image.id.removeprefix("sha256:")[:12]):
+            found = lookup(ref)
+            assert found is not None, ref
+            assert found.id == image.id
+            assert found == resolve_image(ref, pull=False, client=engine)
+    finally:
+        engine.images.remove(nested)
+
+
+def test_lookup_leaves_what_it_cannot_answer_to_the_sdk(
+    engine: docker.DockerClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert lookup("uvmkit-test/never-made:nowhere") is None
+    assert lookup("Not A Reference") is None
+    for host in (f"unix://{tmp_path}/no-engine.sock", "tcp://127.0.0.1:9", "ssh://nobody@host"):
+        monkeypatch.setenv("DOCKER_HOST", host)
+        assert lookup("busybox:local") is None, host
 
 
 def test_export_is_a_tar_of_the_tree(engine: docker.DockerClient, busybox_image: str) -> None:

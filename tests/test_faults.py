@@ -18,8 +18,8 @@ import pytest
 from helpers import small_tmpfs
 from readback import invoke
 
-from uvmkit import engine as engine_module
 from uvmkit.engine import EXPORT_LABEL
+from uvmkit.engine_images import PRIVATE_SOCKET, SYSTEM_SOCKET
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -30,7 +30,7 @@ def _engine_socket() -> str:
     host = os.environ.get("DOCKER_HOST", "")
     if host.startswith("unix://"):
         return host.removeprefix("unix://")
-    for candidate in (engine_module.SYSTEM_SOCKET, engine_module.PRIVATE_SOCKET):
+    for candidate in (SYSTEM_SOCKET, PRIVATE_SOCKET):
         if candidate.exists():
             return str(candidate)
     pytest.fail("these tests need the engine on a unix socket; ./setup.sh test starts one")
@@ -143,6 +143,20 @@ def test_disk_fills_under_out(debian_image: str, small_disk: Path, tmp_path: Pat
     assert "Traceback" not in result.stderr
     assert "error: no space left on the device while writing" in result.stderr
     assert _contents(out) == previous
+
+
+def test_full_cache_disk_is_named(busybox_image: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with small_tmpfs(tmp_path / "cache", "1m") as cache:
+        env = dict(os.environ, XDG_CACHE_HOME=str(cache))
+        result = invoke("build-all", "--base", busybox_image, "--out", str(out), env=env)
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert errors[0].startswith("error: no space left on the device while writing"), errors
+    assert f"{cache}/uvmkit" in errors[0]
+    assert not out.exists()
 
 
 def test_missing_engine_socket(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ on uvmkit's own files, settings that make no sense. Real builds from file inputs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -294,6 +295,33 @@ def test_settings_that_make_no_sense_are_one_line_with_a_hint(base: Path, tmp_pa
         assert "  hint: " in result.stderr
 
 
+def test_a_base_that_is_a_stream_is_refused(base: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "base.fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "invoke", "build-all", "--out", str(out), "--base"]
+    # What a shell's <(cat base.tar) passes: a /dev/fd path to a pipe, fed as it is read.
+    reader, writer = os.pipe()
+    feeder = threading.Thread(target=lambda: _feed(writer, base.read_bytes()), daemon=True)
+    feeder.start()
+    piped = subprocess.run([*argv, f"/dev/fd/{reader}"], cwd=ROOT, pass_fds=(reader,),
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    os.close(reader)
+
+    for result, name in (
+        (invoke("build-all", "--base", str(fifo), "--out", str(out), tmp_path=tmp_path), fifo),
+        (invoke("build-all", "--base", "/dev/zero", "--out", str(out), tmp_path=tmp_path),
+         "/dev/zero"),
+        (piped, f"/dev/fd/{reader}"),
+    ):  # fmt: skip
+        assert_refused(result, out, f"base {name} is not a regular file or a directory")
+
+
+def _feed(fd: int, data: bytes) -> None:
+    with contextlib.suppress(BrokenPipeError), os.fdopen(fd, "wb") as pipe:
+        pipe.write(data)
+
+
 def test_clean_removes_what_builds_published_and_nothing_else(base: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     built = invoke("build-all", "--base", str(base), "--out", str(out), tmp_path=tmp_path)
@@ -312,6 +340,34 @@ def test_clean_removes_what_builds_published_and_nothing_else(base: Path, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in foreign.iterdir()) == ["init", "initrd.img", "manifest.json"]
     assert "holds no files a uvmkit build published; left them alone" in left_alone.stderr
+
+
+def test_an_out_that_cannot_be_written_is_one_line_for_every_task(
+    base: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    built = invoke("build-all", "--base", str(base), "--out", str(out), tmp_path=tmp_path)
+    assert built.returncode == 0, built.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    out.chmod(0o555)
+    try:
+        results = {
+            "build-all": invoke("build-all", "--base", str(base), "--out", str(out),
+                                "--level", "1", tmp_path=tmp_path, as_user=True),
+            "clean": invoke("clean", "--out", str(out), tmp_path=tmp_path, as_user=True),
+            "boot": invoke("boot", "--out", str(out), "--timeout", "5", tmp_path=tmp_path,
+                           as_user=True),
+        }  # fmt: skip
+    finally:
+        out.chmod(0o755)
+
+    for task, result in results.items():
+        assert result.returncode == 1, (task, result.stderr)
+        assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+        errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and str(out) in errors[0], (task, result.stderr)
+        assert "writ" in errors[0] and "  hint: " in result.stderr, (task, result.stderr)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 # --- tasks and limits ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import engine
+from . import engine_images
 from .archive import header_checksum_ok
 from .cache import Cache, sha256_file
 from .errors import BadInputError
@@ -49,7 +49,7 @@ class Layer:
     start: int = 0
     end: int | None = None
     # A `docker export`: the image's creation time (seconds), to undo what the engine adds
-    # to every container (see engine.export_entries). None for any other layer.
+    # to every container (see engine_images.export_entries). None for any other layer.
     export_of_image_created: int | None = None
 
 
@@ -116,7 +116,7 @@ class BaseId:
     # directory), else the engine's image ID.
     id: str
     path: Path | None = None
-    image: engine.ImageInfo | None = None
+    image: engine_images.ImageInfo | None = None
 
 
 def identify(ref: str) -> BaseId:
@@ -125,6 +125,13 @@ def identify(ref: str) -> BaseId:
         path = Path(ref).expanduser()
         if not path.exists():
             raise BadInputError(f"base {ref} does not exist", hint="check the --base path")
+        if not (path.is_file() or path.is_dir()):
+            # A pipe (`<(...)` included) or a device: the base is read more than once (hashed
+            # for the cache, then unpacked), and /dev/zero would be hashed forever.
+            raise BadInputError(
+                f"base {ref} is not a regular file or a directory",
+                hint="save the stream to a file first, then pass that file",
+            )
         if path.is_dir() and not (path / "index.json").exists():
             raise BadInputError(
                 f"base {ref} is a directory but not an OCI image layout (it has no index.json)",
@@ -138,7 +145,13 @@ def identify(ref: str) -> BaseId:
                 hint="pass a readable tar, cpio, docker save archive or OCI layout",
             ) from None
         return BaseId(ref=ref, id=f"sha256:{digest}", path=path)
-    info = engine.resolve_image(ref)
+    info = engine_images.lookup(ref)
+    if info is None:
+        # Imported only here and for an export: the Docker SDK's import alone is a quarter
+        # of an up-to-date build, which the lookup above answers without it.
+        from . import engine
+
+        info = engine.resolve_image(ref)
     return BaseId(ref=ref, id=info.id, image=info)
 
 
@@ -180,7 +193,7 @@ def materialize(
 
 
 def from_engine(
-    info: engine.ImageInfo,
+    info: engine_images.ImageInfo,
     *,
     cache: Cache,
     work_dir: Path,
@@ -208,7 +221,7 @@ def from_engine(
         Path("rootfs.tar"),
         LayerFormat.TAR,
         name=f"export of image {ref}",
-        export_of_image_created=engine.created_epoch(info),
+        export_of_image_created=engine_images.created_epoch(info),
     )
 
     def make(directory: Path) -> None:
@@ -231,7 +244,7 @@ def from_engine(
 
 
 def _export(
-    info: engine.ImageInfo,
+    info: engine_images.ImageInfo,
     target: Path,
     reader: Callable[[ForwardReader], None] | None = None,
 ) -> str:
@@ -257,6 +270,8 @@ def _export(
                         digest.update(chunk)
                     except BaseException as exc:
                         failure.append(exc)
+
+    from . import engine
 
     writer = threading.Thread(target=write_all, name="export-writer", daemon=True)
     writer.start()

@@ -14,7 +14,6 @@ import concurrent.futures
 import contextlib
 import datetime
 import enum
-import errno
 import fcntl
 import functools
 import hashlib
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from . import __version__, engine, guest
+from . import __version__, engine_images, guest
 from .archive import Entry, Kind, read_cpio, read_tar
 from .base import (
     BaseId,
@@ -43,7 +42,7 @@ from .base import (
 from .cache import ENTRY_FILE, Cache, cache_key, sha256_file
 from .compress import CompressedWriter
 from .config import TEMPLATES_DIR, BuildConfig, Compression, InitChoice, default_cache_dir
-from .errors import BadInputError, Interrupted, ToolError, UvmkitError, show_name
+from .errors import BadInputError, Interrupted, UvmkitError, from_os_error, show_name
 from .inits import check_init
 from .interrupts import deferred_interrupts, result_of, sigterm_as_interrupt
 from .log import human_size, log, progress, step
@@ -146,7 +145,7 @@ def build(config: BuildConfig, targets: frozenset[Artifact] = ALL_ARTIFACTS) -> 
     ctx = BuildContext(config=config, targets=targets, cache=cache, work=work)
     ctx.fds.append(lock)
     try:
-        with _friendly_os_errors(out), sigterm_as_interrupt():
+        with _friendly_os_errors(config), sigterm_as_interrupt():
             return _build(ctx)
     except KeyboardInterrupt:
         raise _interrupted(ctx) from None
@@ -449,7 +448,7 @@ def _apply_layer(tree: Tree, layer: Layer, f: BinaryIO | ForwardReader, fd: int)
     else:
         entries = read_tar(f, layer.name, start=layer.start, end=layer.end)
     if layer.export_of_image_created is not None:
-        entries = engine.export_entries(entries, layer.export_of_image_created)
+        entries = engine_images.export_entries(entries, layer.export_of_image_created)
     tree.apply_layer(entries, fd=fd, archive=layer.name)
 
 
@@ -906,32 +905,20 @@ def _copy(source: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def _friendly_os_errors(out: Path) -> Iterator[None]:
+def _friendly_os_errors(config: BuildConfig) -> Iterator[None]:
     """Turn a full disk or a permission problem while writing into one clear line."""
     try:
         yield
     except UvmkitError:
         raise
     except OSError as exc:
-        where = exc.filename or out
-        if exc.errno == errno.ENOSPC:
-            raise ToolError(
-                f"no space left on the device while writing {where}",
-                hint="free some space (or pass --out on another disk); earlier artifacts are "
-                "untouched",
-            ) from None
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise BadInputError(
-                f"cannot write {where}: {exc.strerror}",
-                hint="check that path's permissions, or choose another --out or XDG_CACHE_HOME",
-            ) from None
-        if exc.filename:
-            # A path in the way: a file where a directory should be, and the like.
-            raise BadInputError(
-                f"cannot use {where}: {exc.strerror}",
-                hint="move what is at that path out of the way (invoke --debug shows where)",
-            ) from None
-        raise
+        where = str(config.out_dir)
+        if config.use_cache:
+            where += f" or the cache at {config.cache_dir}"
+        converted = from_os_error(exc, where=where)
+        if converted is None:
+            raise
+        raise converted from None
 
 
 @functools.cache

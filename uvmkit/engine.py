@@ -1,36 +1,26 @@
-"""The Docker engine as a source of base root filesystems: find an image, export its tree.
-
-uvmkit talks to a real engine through the Docker SDK. Which engine: the one DOCKER_HOST
-names; else the system engine at /var/run/docker.sock; else the private engine that
-./setup.sh starts at PRIVATE_SOCKET when the machine has no engine of its own.
+"""The Docker engine as a source of base root filesystems: find an image, pull it, export
+its tree, all through the Docker SDK. Which engine, and what an image is to uvmkit, are in
+engine_images, which an up-to-date build uses alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
-import re
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.models.images import Image
 from docker.utils import parse_repository_tag
 
-from .archive import Entry, Kind
+from .engine_images import ImageInfo, candidate_urls, image_info
 from .errors import BadInputError, EngineError
 from .interrupts import deferred_interrupts
 from .log import human_size, log, progress
-
-SYSTEM_SOCKET = Path("/var/run/docker.sock")
-# Where ./setup.sh (python -m uvmkit.services engine) runs its own dockerd.
-PRIVATE_SOCKET = Path("/run/uvmkit/docker.sock")
 
 EXPORT_CHUNK = 1024 * 1024
 # An image without CMD or ENTRYPOINT cannot be created as a container; the container is
@@ -41,84 +31,6 @@ EXPORT_LABEL = "org.uvmkit.export"
 
 CONNECT_HINT = "run ./setup.sh, or set DOCKER_HOST"
 NOT_FOUND_HINT = "docker import a tarball under that name, or ./setup.sh seeds the default base"
-
-
-# What the engine's "init layer" puts into every container, and so into every export,
-# over whatever the image has there: empty 0755 files, and a symlink for /etc/mtab.
-_PLACEHOLDER_FILES = frozenset(
-    {b".dockerenv", b"etc/hostname", b"etc/hosts", b"etc/resolv.conf", b"dev/console"}
-)
-_PLACEHOLDER_LINKS = {b"etc/mtab": b"/proc/mounts"}
-# Directories that layer creates or writes into: an export shows them with the container's
-# creation time, which would make every export of one image differ from the last.
-_INIT_LAYER_DIRS = frozenset({b"", b"dev", b"dev/pts", b"dev/shm", b"etc", b"proc", b"sys"})
-
-
-def is_export_placeholder(entry: Entry) -> bool:
-    """True for a file the engine made for the container rather than one the image holds.
-
-    The image's own copies of those paths are hidden by the placeholders, so an export
-    cannot give them back; dropping the placeholders at least keeps empty, executable
-    /etc/hosts files out of the image. (A `docker save` archive as --base keeps them.)
-    """
-    name = _export_name(entry.name)
-    if name in _PLACEHOLDER_FILES:
-        return entry.kind is Kind.FILE and entry.size == 0 and entry.mode == 0o755
-    if name in _PLACEHOLDER_LINKS:
-        return entry.kind is Kind.SYMLINK and entry.linkname == _PLACEHOLDER_LINKS[name]
-    return False
-
-
-def export_entries(entries: Iterable[Entry], image_created: int) -> Iterator[Entry]:
-    """An export's entries as close to the image as an export allows: without the
-    engine's placeholders, and no directory its init layer touched newer than the image."""
-    for entry in entries:
-        if is_export_placeholder(entry):
-            continue
-        if entry.kind is Kind.DIR and _export_name(entry.name) in _INIT_LAYER_DIRS:
-            entry.mtime = min(entry.mtime, image_created)
-        yield entry
-
-
-def _export_name(name: bytes) -> bytes:
-    name = name.strip(b"/").removeprefix(b"./")
-    return b"" if name == b"." else name
-
-
-def created_epoch(info: ImageInfo) -> int:
-    """The image's creation time in whole seconds; 0 when the engine gave none we can read."""
-    # The engine writes nanoseconds, which fromisoformat does not take; seconds suffice.
-    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", info.created)
-    if match is None:
-        return 0
-    stamp = datetime.datetime.fromisoformat(match.group(1)).replace(tzinfo=datetime.UTC)
-    return int(stamp.timestamp())
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """What uvmkit records about a base image: enough for a manifest and a cache key."""
-
-    ref: str
-    id: str
-    repo_digests: tuple[str, ...] = ()
-    labels: dict[str, str] = field(default_factory=dict)
-    # The image's Comment; `docker import --message` puts it there.
-    comment: str = ""
-    created: str = ""
-    size: int = 0
-    # As the engine reports it: OS, architecture and variant ("" when it does not say).
-    os: str = ""
-    architecture: str = ""
-    variant: str = ""
-
-
-def candidate_urls() -> list[str]:
-    """The engine addresses to try, in order; DOCKER_HOST, when set, is the only one."""
-    host = os.environ.get("DOCKER_HOST", "")
-    if host:
-        return [host]
-    return [f"unix://{SYSTEM_SOCKET}", f"unix://{PRIVATE_SOCKET}"]
 
 
 def connect(*, timeout: int = 120) -> docker.DockerClient:
@@ -166,7 +78,7 @@ def resolve_image(
     """The engine's image for ref: the local one when present, else pulled (when allowed)."""
     client = client or connect()
     try:
-        return _info(ref, client.images.get(ref))
+        return image_info(ref, client.images.get(ref).attrs)
     except ImageNotFound:
         if not pull:
             raise EngineError(f"image {ref} is not in the engine", hint=NOT_FOUND_HINT) from None
@@ -187,26 +99,9 @@ def resolve_image(
 
     _pull(ref, client)
     try:
-        return _info(ref, client.images.get(ref))
+        return image_info(ref, client.images.get(ref).attrs)
     except (APIError, requests.RequestException) as exc:
         raise EngineError(f"image {ref} was pulled but cannot be read: {_reason(exc)}") from None
-
-
-def _info(ref: str, image: Image) -> ImageInfo:
-    attrs: dict[str, Any] = image.attrs
-    config = attrs.get("Config") or {}
-    return ImageInfo(
-        ref=ref,
-        id=str(attrs["Id"]),
-        repo_digests=tuple(attrs.get("RepoDigests") or ()),
-        labels=dict(config.get("Labels") or {}),
-        comment=str(attrs.get("Comment") or ""),
-        created=str(attrs.get("Created") or ""),
-        size=int(attrs.get("Size") or 0),
-        os=str(attrs.get("Os") or ""),
-        architecture=str(attrs.get("Architecture") or ""),
-        variant=str(attrs.get("Variant") or ""),
-    )
 
 
 def _pull(ref: str, client: docker.DockerClient) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class UvmkitError(Exception):
     """A failure the user can act on: a message naming the input, and a hint.
@@ -48,6 +50,35 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+def from_os_error(exc: OSError, *, where: str = "") -> UvmkitError | None:
+    """A failure of the machine rather than of uvmkit (a full disk, a read-only or
+    forbidden path, something in the way) as one line; None for any other OSError.
+
+    `where` names the places written to, for an error that does not name its file (a
+    write() on a full disk).
+    """
+    place = exc.filename or where
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ToolError(
+            f"no space left on the device while writing {place}",
+            hint="free some space, or point --out or XDG_CACHE_HOME at another disk; "
+            "earlier artifacts are untouched",
+        )
+    if not exc.filename:
+        return None
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return BadInputError(
+            f"cannot write {place}: {exc.strerror}",
+            hint="check the permissions of that path and that its file system is writable, or "
+            "use another path (--out, XDG_CACHE_HOME)",
+        )
+    # A path in the way: a file where a directory should be, and the like.
+    return BadInputError(
+        f"cannot use {place}: {exc.strerror}",
+        hint="move what is at that path out of the way (invoke --debug shows where)",
+    )
 
 
 def show_name(name: bytes | str) -> str:

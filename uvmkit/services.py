@@ -26,11 +26,12 @@ import requests
 from docker.errors import APIError, DockerException, ImageNotFound
 
 from . import engine
+from .engine_images import PRIVATE_SOCKET
 from .errors import EngineError, ToolError, UvmkitError
 from .log import log, setup_logging
 from .run import not_installed, run
 
-RUN_DIR = engine.PRIVATE_SOCKET.parent
+RUN_DIR = PRIVATE_SOCKET.parent
 DATA_ROOT = Path("/var/lib/uvmkit-docker")
 ENGINE_LOG = Path("/var/log/uvmkit-dockerd.log")
 ENGINE_PIDFILE = RUN_DIR / "dockerd.pid"
@@ -67,8 +68,7 @@ def ensure_engine() -> docker.DockerClient:
     start_private_engine()
     client = engine.connect()
     print(
-        f"docker engine: started at unix://{engine.PRIVATE_SOCKET} (log: {ENGINE_LOG}; "
-        f"data: {DATA_ROOT})"
+        f"docker engine: started at unix://{PRIVATE_SOCKET} (log: {ENGINE_LOG}; data: {DATA_ROOT})"
     )
     return client
 
@@ -120,7 +120,7 @@ def _spawn_dockerd(dockerd: str, driver: str) -> subprocess.Popen[bytes]:
         f"--data-root={DATA_ROOT}",
         f"--exec-root={RUN_DIR / 'exec'}",
         f"--pidfile={ENGINE_PIDFILE}",
-        f"--host=unix://{engine.PRIVATE_SOCKET}",
+        f"--host=unix://{PRIVATE_SOCKET}",
     ]
     log.debug("+ %s", " ".join(argv))
     with ENGINE_LOG.open("ab") as out:
@@ -141,10 +141,10 @@ def _wait_for_engine(proc: subprocess.Popen[bytes] | None) -> bool:
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             return False
-        if engine.PRIVATE_SOCKET.exists():
+        if PRIVATE_SOCKET.exists():
             try:
                 docker.DockerClient(
-                    base_url=f"unix://{engine.PRIVATE_SOCKET}", version="auto", timeout=5
+                    base_url=f"unix://{PRIVATE_SOCKET}", version="auto", timeout=5
                 ).ping()
                 return True
             except (DockerException, requests.RequestException):
@@ -155,7 +155,7 @@ def _wait_for_engine(proc: subprocess.Popen[bytes] | None) -> bool:
 
 def _engine_failed() -> ToolError:
     return ToolError(
-        f"dockerd did not answer on {engine.PRIVATE_SOCKET} within {ENGINE_START_TIMEOUT:.0f} s;"
+        f"dockerd did not answer on {PRIVATE_SOCKET} within {ENGINE_START_TIMEOUT:.0f} s;"
         f" last lines of {ENGINE_LOG}:\n{_tail(ENGINE_LOG)}",
         hint="fix the cause above, or point DOCKER_HOST at a working engine",
     )
