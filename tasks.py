@@ -201,6 +201,7 @@ def clean(c: Context, out: str = "out", cache: bool = False) -> None:
     help={
         "out": "directory the boot files are in (default: out/)",
         "kernel": "kernel to boot (default: the recipe's, else the newest /boot/vmlinuz-*)",
+        "image": "recipe whose kernel to boot (default: the one that built OUT)",
         "exec": "command to run in the guest, split as a shell would, with an empty stdin; its "
         "exit status (128+N for signal N) becomes ours; without it, a smoke check runs",
         "timeout": "seconds to wait for the guest agent to answer (default 60); the command "
@@ -220,6 +221,7 @@ def boot(
     c: Context,
     out: str = "out",
     kernel: str = "",
+    image: str = "",
     exec: str = "",
     timeout: int = 60,
     accel: str = "auto",
@@ -254,6 +256,7 @@ def boot(
     options = harness.BootOptions(
         out_dir=Path(out),
         kernel=Path(kernel) if kernel else None,
+        image=image,
         command=command,
         timeout=timeout,
         accel=accel_choice,

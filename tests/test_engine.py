@@ -6,6 +6,8 @@ import io
 import os
 import re
 import signal
+import subprocess
+import sys
 import tarfile
 import uuid
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from docker.errors import ImageNotFound
 from docker.models.containers import ContainerCollection
 
+from uvmkit.config import ROOT
 from uvmkit.engine import EXPORT_LABEL, connect, export_image, resolve_image
 from uvmkit.engine_images import lookup
 from uvmkit.errors import EngineError
@@ -128,6 +131,41 @@ def test_ctrl_c_while_the_engine_creates_the_container_leaves_none(
         next(stream)
 
     assert _our_containers(engine) == before
+
+
+KILLED_MID_EXPORT = """
+import os, signal, sys
+from uvmkit.engine import export_image, resolve_image
+with export_image(resolve_image(sys.argv[1])) as stream:
+    next(stream)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_container_of_a_killed_export_goes_with_the_next_export(
+    engine: docker.DockerClient, busybox_image: str
+) -> None:
+    before = _our_containers(engine)
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_EXPORT, busybox_image],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (leftover,) = _our_containers(engine) - before
+    owner = engine.containers.get(leftover).labels[EXPORT_LABEL]
+    space = owner.rpartition(":")[0]
+    # Not leftovers: an export of a live process here, and one of another machine or
+    # PID namespace, whose PIDs mean nothing here.
+    alive, elsewhere = (
+        engine.containers.create(busybox_image, command=["true"], labels={EXPORT_LABEL: owner})
+        for owner in (f"{space}:{os.getpid()}", "other-boot pid:[1]:99999")
+    )
+    try:
+        with export_image(resolve_image(busybox_image, client=engine), client=engine) as stream:
+            assert sum(len(chunk) for chunk in stream) > 500_000
+
+        assert _our_containers(engine) == before | {str(alive.id), str(elsewhere.id)}
+    finally:
+        for container in (alive, elsewhere):
+            container.remove(force=True)
 
 
 def test_missing_image_names_it(engine: docker.DockerClient) -> None:

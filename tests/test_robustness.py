@@ -370,6 +370,35 @@ def test_an_out_that_cannot_be_written_is_one_line_for_every_task(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_boot_takes_the_kernel_of_the_recipe_that_built_out(base: Path, tmp_path: Path) -> None:
+    recipes = tmp_path / "recipes"
+    (recipes / "kernels").mkdir(parents=True)
+    # Files that are no kernel: boot refuses them by name before QEMU starts, which shows
+    # which kernel it chose without booting one.
+    for name in ("kernels/vmlinuz-custom", "other-kernel"):
+        (recipes / name).write_text("not a kernel\n" * 100)
+    (recipes / "custom.toml").write_text(f'base = "{base}"\nkernel = "kernels/vmlinuz-custom"\n')
+    (recipes / "other.toml").write_text(f'base = "{base}"\nkernel = "other-kernel"\n')
+    out = tmp_path / "out"
+    built = invoke("build-all", "--image", str(recipes / "custom.toml"), "--out", str(out),
+                   tmp_path=tmp_path)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+
+    recorded = invoke("boot", "--out", str(out), "--accel", "tcg", tmp_path=tmp_path)
+    asked = invoke("boot", "--out", str(out), "--accel", "tcg", "--image",
+                   str(recipes / "other.toml"), tmp_path=tmp_path)  # fmt: skip
+
+    for result, kernel, recipe in (
+        (recorded, recipes / "kernels" / "vmlinuz-custom", recipes / "custom.toml"),
+        (asked, recipes / "other-kernel", recipes / "other.toml"),
+    ):
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
+            f"error: kernel {kernel} is not an x86 Linux kernel image (no bzImage header)",
+            f"  hint: fix 'kernel' in {recipe} (relative to that file), or pass --kernel",
+        ]
+
+
 # --- tasks and limits ---------------------------------------------------------------------
 
 

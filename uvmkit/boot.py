@@ -23,9 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import qemu
+from . import config, qemu
 from .agent_client import AgentClient, AgentGone, AgentTimeout
-from .errors import BadInputError, BootError
+from .build import built_recipe
+from .errors import BadInputError, BootError, UvmkitError
 from .interrupts import sigterm_as_interrupt
 from .log import log
 from .protocol import AgentError, ExitStatus, HelloInfo
@@ -50,6 +51,8 @@ class BootOptions:
 
     out_dir: Path
     kernel: Path | None = None
+    # The recipe whose kernel to boot; "" for the one that built out_dir.
+    image: str = ""
     command: tuple[str, ...] = ()
     timeout: float = 60.0
     accel: Accel = Accel.AUTO
@@ -149,6 +152,19 @@ def _init_end(panic: str) -> str:
     return f"exited with status {status >> 8}"
 
 
+def _recipe(options: BootOptions) -> config.Recipe | None:
+    """The recipe asked for, else the one that built out_dir, else the default one."""
+    if options.image:
+        return config.load_recipe(options.image)
+    recorded = built_recipe(options.out_dir)
+    try:
+        return config.load_recipe(str(recorded) if recorded else config.DEFAULT_IMAGE)
+    except UvmkitError as exc:
+        # Gone or changed since the build: the kernel then comes from /boot.
+        log.debug("not using a recipe's kernel: %s", exc)
+        return None
+
+
 def boot(options: BootOptions) -> int:
     """Boot as asked; return the exit status for the command line (the command's, or 0)."""
     _validate(options)
@@ -158,7 +174,7 @@ def boot(options: BootOptions) -> int:
             f"{initrd} does not exist", hint="run `invoke build-all`, or pass --out DIR"
         )
     qemu_path = qemu.find_qemu()
-    kernel = qemu.find_kernel(options.kernel)
+    kernel = qemu.find_kernel(options.kernel, recipe=_recipe(options))
     accel = qemu.choose_accel(options.accel, qemu_path, kernel)
     log.info("Booting %s with %s under %s", initrd, kernel, accel.upper())
     plan = _Plan(

@@ -46,6 +46,7 @@ from .errors import BadInputError, Interrupted, UvmkitError, from_os_error, show
 from .inits import check_init
 from .interrupts import deferred_interrupts, result_of, sigterm_as_interrupt
 from .log import human_size, log, progress, step
+from .run import process_alive
 from .segments import Output, SegmentStore, layer_identity, split_runs, write_in_runs
 from .tree import WHITEOUT_PREFIX, Inode, Tree
 from .writers import (
@@ -264,7 +265,7 @@ def _build_running(work: Path) -> bool:
         fd = os.open(work / WORK_LOCK, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         pid = work.name.removeprefix(WORK_PREFIX).split(".", 1)[0]
-        return pid.isdigit() and _process_alive(int(pid))
+        return pid.isdigit() and process_alive(int(pid))
     except OSError:
         return False
     try:
@@ -274,16 +275,6 @@ def _build_running(work: Path) -> bool:
     finally:
         os.close(fd)
     return False
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def identify_base(ctx: BuildContext) -> None:
@@ -354,6 +345,15 @@ def up_to_date(ctx: BuildContext) -> bool:
     return True
 
 
+def built_recipe(out: Path) -> Path | None:
+    """The recipe file of the last build into out/, as its stamp recorded it."""
+    try:
+        recipe = json.loads((out / STAMP).read_text())["recipe"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Path(recipe) if isinstance(recipe, str) else None
+
+
 def _fingerprints(out: Path, names: Iterable[str]) -> dict[str, list[int]]:
     prints = {}
     for name in names:
@@ -364,7 +364,11 @@ def _fingerprints(out: Path, names: Iterable[str]) -> dict[str, list[int]]:
 
 def _write_stamp(ctx: BuildContext, names: Sequence[str]) -> None:
     out = ctx.config.out_dir
-    stamp = {"build_key": ctx.key, "files": _fingerprints(out, names)}
+    stamp = {
+        "build_key": ctx.key,
+        "files": _fingerprints(out, names),
+        "recipe": str(ctx.config.recipe.path.resolve()),
+    }
     tmp = ctx.work / STAMP
     tmp.write_text(json.dumps(stamp) + "\n")
     os.replace(tmp, out / STAMP)

@@ -44,7 +44,8 @@ class Recipe:
     name: str
     path: Path
     base: str
-    kernel: str | None = None
+    # The kernel `invoke boot` uses for this image, resolved like `overlay`.
+    kernel: Path | None = None
     overlay: Path | None = None
     init: InitChoice = InitChoice.UVMKIT
     platform: str = "linux/amd64"
@@ -170,7 +171,7 @@ def load_recipe(name: str) -> Recipe:
         name=name,
         path=path,
         base=data["base"],
-        kernel=data.get("kernel") or None,
+        kernel=path.parent / data["kernel"] if data.get("kernel") else None,
         overlay=overlay,
         init=init,
         platform=data.get("platform", "linux/amd64"),

@@ -6,6 +6,7 @@ engine_images, which an up-to-date build uses alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -21,12 +22,15 @@ from .engine_images import ImageInfo, candidate_urls, image_info
 from .errors import BadInputError, EngineError
 from .interrupts import deferred_interrupts
 from .log import human_size, log, progress
+from .run import process_alive
 
 EXPORT_CHUNK = 1024 * 1024
 # An image without CMD or ENTRYPOINT cannot be created as a container; the container is
 # never started, so this command only has to exist on paper.
 DUMMY_COMMAND = ["/uvmkit-none"]
-# Marks the containers we create, so a leftover from a killed process can be recognised.
+# Marks the containers we create. The value names the process that made one, as
+# "BOOT_ID PID_NAMESPACE:PID", so a leftover of a killed process can be told apart from a
+# container another build (in this PID namespace or not) is exporting through right now.
 EXPORT_LABEL = "org.uvmkit.export"
 
 CONNECT_HINT = "run ./setup.sh, or set DOCKER_HOST"
@@ -153,6 +157,7 @@ def export_image(
     block: normally, by an exception, or by Ctrl-C in the middle of the stream.
     """
     client = client or connect()
+    remove_leftovers(client)
     container_id = ""
     response: requests.Response | None = None
     try:
@@ -162,7 +167,7 @@ def export_image(
             try:
                 container = client.containers.create(
                     info.id, command=DUMMY_COMMAND, network_disabled=True,
-                    labels={EXPORT_LABEL: "1"},
+                    labels={EXPORT_LABEL: _owner(os.getpid())},
                 )  # fmt: skip
             except (APIError, requests.RequestException) as exc:
                 raise EngineError(
@@ -185,7 +190,39 @@ def export_image(
         if response is not None:
             response.close()
         if container_id:
-            _remove(client, container_id, info)
+            _remove(client, container_id, f"made from {info.ref}")
+
+
+def remove_leftovers(client: docker.DockerClient) -> None:
+    """Remove the export containers of processes of this machine that are gone: a build
+    killed outright (SIGKILL, a power cut) cannot remove its own."""
+    try:
+        found = client.api.containers(all=True, filters={"label": EXPORT_LABEL})
+    except (APIError, requests.RequestException) as exc:
+        log.debug("cannot list leftover export containers: %s", _reason(exc))
+        return
+    for container in found:
+        owner = str((container.get("Labels") or {}).get(EXPORT_LABEL, ""))
+        space, _, pid = owner.rpartition(":")
+        if space and space == _process_space() and pid.isdigit() and not process_alive(int(pid)):
+            log.info("removing container %s, left by a killed export", container["Id"][:12])
+            _remove(client, str(container["Id"]), "left by a killed export")
+
+
+def _owner(pid: int) -> str:
+    return f"{_process_space()}:{pid}"
+
+
+@functools.cache
+def _process_space() -> str:
+    """Where this process's PID means something: this boot of the machine, and the PID
+    namespace; "" when either cannot be read."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{boot} {namespace}"
 
 
 def _chunks(info: ImageInfo, response: requests.Response) -> Iterator[bytes]:
@@ -202,19 +239,14 @@ def _chunks(info: ImageInfo, response: requests.Response) -> Iterator[bytes]:
     log.debug("exported %s: %s", info.ref, human_size(total))
 
 
-def _remove(client: docker.DockerClient, container_id: str, info: ImageInfo) -> None:
+def _remove(client: docker.DockerClient, container_id: str, what: str) -> None:
     try:
         client.api.remove_container(container_id, force=True)
     except NotFound:
         pass
     except (APIError, requests.RequestException) as exc:
         # Not fatal for the build; the label lets `docker ps -a` users find it.
-        log.warning(
-            "could not remove container %s made from %s: %s",
-            container_id[:12],
-            info.ref,
-            _reason(exc),
-        )
+        log.warning("could not remove container %s %s: %s", container_id[:12], what, _reason(exc))
 
 
 def _reason(exc: BaseException) -> str:

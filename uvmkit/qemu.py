@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config
-from .errors import BadInputError, BootError, UvmkitError
+from .errors import BadInputError, BootError
 from .log import log
 from .run import not_installed
 
@@ -54,24 +54,20 @@ def _version_key(path: Path) -> list[tuple[int, int | str]]:
     return [(1, int(p)) if p.isdigit() else (0, p) for p in parts]
 
 
-def find_kernel(explicit: Path | None, *, image: str = config.DEFAULT_IMAGE) -> Path:
+def find_kernel(explicit: Path | None, *, recipe: config.Recipe | None = None) -> Path:
     """--kernel, else the recipe's kernel, else the newest /boot/vmlinuz-*."""
     if explicit is not None:
         if not explicit.is_file():
             raise BadInputError(f"kernel {explicit} does not exist", hint="check --kernel")
         return check_kernel(explicit, "check --kernel")
-    try:
-        recipe_kernel = config.load_recipe(image).kernel
-    except UvmkitError as exc:
-        log.debug("not using the recipe's kernel: %s", exc)
-        recipe_kernel = None
-    if recipe_kernel:
-        path = Path(recipe_kernel)
-        if not path.is_absolute():
-            path = config.IMAGES_DIR / path
-        if not path.is_file():
-            raise BadInputError(f"kernel {path} named by image recipe {image!r} does not exist")
-        return check_kernel(path, f"fix 'kernel' in image recipe {image!r}")
+    if recipe is not None and recipe.kernel is not None:
+        hint = f"fix 'kernel' in {recipe.path} (relative to that file), or pass --kernel"
+        if not recipe.kernel.is_file():
+            raise BadInputError(
+                f"kernel {recipe.kernel} named by image recipe {recipe.path} does not exist",
+                hint=hint,
+            )
+        return check_kernel(recipe.kernel, hint)
     candidates = sorted(Path("/boot").glob("vmlinuz-*"), key=_version_key)
     if not candidates:
         raise BootError(

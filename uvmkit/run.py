@@ -75,3 +75,14 @@ def not_installed(program: str) -> ToolError:
         f"{name} is not installed",
         hint=f"apt-get install {package}, or run ./setup.sh",
     )
+
+
+def process_alive(pid: int) -> bool:
+    """True while a process of this machine with that ID exists (whoever owns it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
