@@ -77,6 +77,14 @@ class Segment:
     sha256: str
 
 
+@dataclass(frozen=True)
+class _Splice:
+    """A segment to copy from `source`, queued behind the blocks; the writer closes it."""
+
+    source: BinaryIO
+    segment: Segment
+
+
 class CompressedWriter:
     """A write-only stream that compresses into a file; `written` counts bytes before
     compression. Closing it finishes the compressed stream and closes the file."""
@@ -131,8 +139,8 @@ class CompressedWriter:
         return self._gzip.cut()
 
     def splice(self, source: BinaryIO, segment: Segment) -> Segment:
-        """Append a segment that another gzip stream cut, read from `source`; returns it
-        as it now lies in this stream.
+        """Append a segment that another gzip stream cut, read from `source` (which this
+        stream closes once copied); returns it as it now lies in this stream.
 
         Call it right after a cut. The segment must have been compressed at this stream's
         level from the bytes that belong here; checking that is the caller's part.
@@ -255,7 +263,9 @@ class GzipStream:
         self._level = level
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "uvmkit-gzip")
         # Blocks in order, markers the caller waits on, and None to end.
-        self._queue: Handoff[tuple[_Compressed, int] | _Marker | None] = Handoff(2 * threads)
+        self._queue: Handoff[tuple[_Compressed, int] | _Splice | _Marker | None] = Handoff(
+            2 * threads
+        )
         self._error: BaseException | None = None
         self._dictionary = b""
         # The whole stream so far, and the segment since the last cut. The writer thread
@@ -310,23 +320,20 @@ class GzipStream:
         return segment
 
     def splice(self, source: BinaryIO, segment: Segment) -> Segment:
-        """Copy a segment's compressed bytes from `source` (at a cut) into this stream;
-        returns the segment at its place here."""
-        self._drain()
-        assert not self._dictionary, "a segment is spliced only at a cut"
-        placed = dataclasses.replace(segment, offset=self._offset)
-        source.seek(segment.offset)
-        left = segment.length
-        while left:
-            chunk = source.read(min(left, SPLICE_CHUNK))
-            if not chunk:
-                name = getattr(source, "name", None)
-                raise OSError(errno.EIO, "a cached segment ended early", name)
-            self._emit(chunk)
-            left -= len(chunk)
-        self._crc = self._zlib.crc32_combine(self._crc, segment.crc, segment.size)
-        self._size += segment.size
-        self._start_segment()
+        """Queue a segment's compressed bytes, read from `source` (at a cut), to be copied
+        into this stream; returns the segment at its place here.
+
+        The writer thread copies them, so splices into different streams run at once, and
+        closes `source` when done: the stream owns it from this call on.
+        """
+        try:
+            self._drain()
+            assert not self._dictionary, "a segment is spliced only at a cut"
+            placed = dataclasses.replace(segment, offset=self._offset)
+            self._queue.put(_Splice(source, segment))
+        except BaseException:
+            source.close()
+            raise
         return placed
 
     def close(self) -> None:
@@ -364,6 +371,14 @@ class GzipStream:
             if isinstance(item, queue.SimpleQueue):
                 item.put(None)
                 continue
+            if isinstance(item, _Splice):
+                with item.source:
+                    if self._error is None:
+                        try:
+                            self._copy_segment(item.source, item.segment)
+                        except BaseException as exc:
+                            self._error = exc
+                continue
             future, size = item
             if self._error is not None:
                 future.cancel()  # after a failure, only keep the queue moving
@@ -379,6 +394,20 @@ class GzipStream:
             self._segment_crc = isal_zlib.crc32_combine(self._segment_crc, crc, size)
             self._size += size
             self._segment_size += size
+
+    def _copy_segment(self, source: BinaryIO, segment: Segment) -> None:
+        source.seek(segment.offset)
+        left = segment.length
+        while left:
+            chunk = source.read(min(left, SPLICE_CHUNK))
+            if not chunk:
+                name = getattr(source, "name", None)
+                raise OSError(errno.EIO, "a cached segment ended early", name)
+            self._emit(chunk)
+            left -= len(chunk)
+        self._crc = self._zlib.crc32_combine(self._crc, segment.crc, segment.size)
+        self._size += segment.size
+        self._start_segment()
 
     def _emit(self, data: bytes) -> None:
         self._raw.write(data)

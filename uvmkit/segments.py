@@ -126,13 +126,18 @@ class SegmentStore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.debug("segment %s unusable (%s); compressing afresh", key, exc)
             return None
-        with source:
-            if _range_sha256(source, segment.offset, segment.length) != segment.sha256:
-                log.debug("%s: its source %s changed; compressing afresh", key, source.name)
-                return None
-            # Checked, so a failure from here on is the disk's, and fails the build: half a
-            # segment must never stay in an artifact.
-            placed = writer.splice(source, segment)
+        try:
+            intact = _range_sha256(source, segment.offset, segment.length) == segment.sha256
+        except BaseException:
+            source.close()
+            raise
+        if not intact:
+            source.close()
+            log.debug("%s: its source %s changed; compressing afresh", key, source.name)
+            return None
+        # Checked, so a failure from here on is the disk's, and fails the build: half a
+        # segment must never stay in an artifact. The writer copies it, and closes source.
+        placed = writer.splice(source, segment)
         # Recorded where it lies in this build's artifact, which replaces the record.
         self._made.append((key, artifact, placed))
         return placed
