@@ -14,8 +14,9 @@ APT_PACKAGES=(
 )
 
 usage() {
-    echo "usage: ./setup.sh build | ./setup.sh test [pytest arguments]" >&2
-    exit 2
+    echo "usage: ./setup.sh build | ./setup.sh test [pytest arguments]"
+    echo "  build  install what is missing, start a Docker engine, seed the base, build into out/"
+    echo "  test   the same set-up plus the test images, then the whole test suite"
 }
 
 install_apt_packages() {
@@ -87,7 +88,14 @@ start_engine() {
 mode=${1:-}
 case "$mode" in
 build | test) shift ;;
-*) usage ;;
+-h | --help | help)
+    usage
+    exit 0
+    ;;
+*)
+    usage >&2
+    exit 2
+    ;;
 esac
 
 install_apt_packages

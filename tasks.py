@@ -1,7 +1,7 @@
 """uvmkit's front door: `invoke --list` shows the tasks, `invoke --help TASK` their options.
 
 Each task parses its options and calls one function of the uvmkit package. Errors are
-printed as one line with a hint; `invoke --debug TASK` (or UVMKIT_DEBUG=1) shows the
+printed as one line with a hint; UVMKIT_DEBUG=1 (or `invoke --debug TASK`) shows the
 traceback too.
 """
 
@@ -21,7 +21,7 @@ from invoke.tasks import task
 
 from uvmkit import build
 from uvmkit.build import clean_outputs
-from uvmkit.config import DEFAULT_IMAGE, make_build_config, parse_level
+from uvmkit.config import DEFAULT_IMAGE, make_build_config, out_dir, parse_level, whole_number
 from uvmkit.errors import UvmkitError, from_os_error
 from uvmkit.log import debug_enabled, log, setup_logging
 
@@ -53,7 +53,7 @@ def friendly(func: F) -> F:
             error = _for_the_user(exc)
             if error is None:
                 log.error("internal error: %s: %s", type(exc).__name__, exc)
-                print("  hint: run `invoke --debug ...` for the traceback", file=sys.stderr)
+                print("  hint: run with UVMKIT_DEBUG=1 for the traceback", file=sys.stderr)
                 raise Exit(code=70) from None
             log.error("%s", error.message)
             if error.hint:
@@ -77,7 +77,7 @@ BUILD_HELP = {
     "image": "recipe: a name under images/ (default: default), or a path to a .toml file",
     "base": "overrides the recipe's base: a path when something exists there or it starts "
     "with / ./ ../ ~ (tar, cpio, docker save archive, OCI layout), else a Docker image",
-    "out": "directory to write the artifacts into (default: out/)",
+    "out": "directory to write the artifacts into (default: out/ at the top of this checkout)",
     "compression": "initrd.img compression: gzip (default), zstd or none",
     "level": "compression level (gzip 0-3, default 3; zstd 1-19, default 3)",
     "platform": "OS/ARCH the base must be for; picks from a multi-platform OCI index "
@@ -116,7 +116,7 @@ def _build_task(name: str, targets: frozenset[build.Artifact], doc: str) -> Any:
         c: Context,
         image: str = DEFAULT_IMAGE,
         base: str = "",
-        out: str = "out",
+        out: str = "",
         compression: str = "gzip",
         level: str = "",
         platform: str = "",
@@ -178,28 +178,28 @@ rootfs = _build_task(
     }
 )
 @friendly
-def bench(c: Context, base: str = "debian-minbase:local", rounds: int = 3) -> None:
+def bench(c: Context, base: str = "debian-minbase:local", rounds: str = "3") -> None:
     """Time build-all against the shell pipeline it replaces; print medians side by side."""
     from uvmkit.bench import bench as run_bench
 
-    print(run_bench(base, rounds=rounds))
+    print(run_bench(base, rounds=whole_number("--rounds", rounds)))
 
 
 @task(
     help={
-        "out": "directory to clean (default: out/)",
+        "out": "directory to clean (default: out/ at the top of this checkout)",
         "cache": "also empty the build cache ($XDG_CACHE_HOME/uvmkit)",
     }
 )
 @friendly
-def clean(c: Context, out: str = "out", cache: bool = False) -> None:
+def clean(c: Context, out: str = "", cache: bool = False) -> None:
     """Remove what builds wrote into OUT; with --cache, empty the build cache too."""
-    clean_outputs(Path(out), cache=cache)
+    clean_outputs(out_dir(out), cache=cache)
 
 
 @task(
     help={
-        "out": "directory the boot files are in (default: out/)",
+        "out": "directory the boot files are in (default: out/ at the top of this checkout)",
         "kernel": "kernel to boot (default: the recipe's, else the newest /boot/vmlinuz-*)",
         "image": "recipe whose kernel to boot (default: the one that built OUT)",
         "exec": "command to run in the guest, split as a shell would, with an empty stdin; its "
@@ -219,17 +219,17 @@ def clean(c: Context, out: str = "out", cache: bool = False) -> None:
 @friendly
 def boot(
     c: Context,
-    out: str = "out",
+    out: str = "",
     kernel: str = "",
     image: str = "",
     exec: str = "",
-    timeout: int = 60,
+    timeout: str = "60",
     accel: str = "auto",
-    cpus: int = 1,
-    memory: int = 512,
+    cpus: str = "1",
+    memory: str = "512",
     kernel_args: str = "",
-    count: int = 1,
-    parallel: int = 1,
+    count: str = "1",
+    parallel: str = "1",
     measure: bool = False,
     console_log: str = "",
 ) -> None:
@@ -254,17 +254,17 @@ def boot(
     if exec and not command:
         raise BadInputError("--exec names no command", hint="leave --exec out for the smoke check")
     options = harness.BootOptions(
-        out_dir=Path(out),
+        out_dir=out_dir(out),
         kernel=Path(kernel) if kernel else None,
         image=image,
         command=command,
-        timeout=timeout,
+        timeout=whole_number("--timeout", timeout),
         accel=accel_choice,
-        cpus=cpus,
-        memory_mb=memory,
+        cpus=whole_number("--cpus", cpus),
+        memory_mb=whole_number("--memory", memory),
         kernel_args=kernel_args,
-        count=count,
-        parallel=parallel,
+        count=whole_number("--count", count),
+        parallel=whole_number("--parallel", parallel),
         measure=measure,
         console_log=Path(console_log) if console_log else None,
     )

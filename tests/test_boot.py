@@ -199,6 +199,23 @@ def test_a_file_that_is_no_kernel_is_refused_before_qemu(image: Path, tmp_path: 
         ]
 
 
+def test_a_console_log_that_cannot_be_written_is_refused_before_qemu(
+    image: Path, kernel: Path, tmp_path: Path
+) -> None:
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a directory")
+    log = in_the_way / "logs" / "console.log"
+
+    result = invoke_boot(image, kernel, "--console-log", str(log))
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: cannot write the console log {log}: {in_the_way} is not a directory",
+        "  hint: pass --console-log a file in a writable directory",
+    ]
+    assert in_the_way.read_text() == "not a directory"
+
+
 def test_kvm_needs_a_cpu_flag(tmp_path: Path) -> None:
     without = tmp_path / "without"
     without.write_text("processor\t: 0\nflags\t\t: fpu sse2 hypervisor\n")

@@ -30,6 +30,7 @@ from helpers import (
 from test_image_archive import layer_tar, write_docker_save
 
 from uvmkit.cache import Cache
+from uvmkit.config import out_dir
 
 WORK_PREFIX = ".uvmkit-build."
 WORK_LOCK = ".lock"
@@ -295,6 +296,70 @@ def test_settings_that_make_no_sense_are_one_line_with_a_hint(base: Path, tmp_pa
         assert "  hint: " in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message", "hint"),
+    [
+        (("build-all", "--base", "~no-such-user-uvmkit/base.tar"),
+         "base ~no-such-user-uvmkit/base.tar: ~no-such-user-uvmkit is no user's home directory",
+         "spell the path out"),
+        (("build-all", "--compression", "none", "--level", "3"),
+         "--level 3 does not apply to --compression none", "leave --level out"),
+        (("build-all", "--image", "default.toml"), "recipe file default.toml does not exist",
+         "pass --image default"),
+        (("boot", "--count", "abc"), "--count 'abc' is not a whole number", "whole number"),
+        (("boot", "--timeout", "1.5"), "--timeout '1.5' is not a whole number", "whole number"),
+        (("boot", "--memory", "1G"), "--memory '1G' is not a whole number", "whole number"),
+    ],
+    ids=["unknown-user", "level-for-none", "recipe-file-name", "count", "timeout", "memory"],
+)  # fmt: skip
+def test_option_mistakes_are_one_line_with_a_hint(
+    tmp_path: Path, args: tuple[str, ...], message: str, hint: str
+) -> None:
+    out = tmp_path / "out"
+    result = invoke(*args, "--out", str(out), tmp_path=tmp_path)
+
+    assert_refused(result, out, message)
+    hints = [line for line in result.stderr.splitlines() if line.startswith("  hint: ")]
+    assert len(hints) == 1 and hint in hints[0], result.stderr
+
+
+@pytest.mark.engine
+def test_a_missing_file_named_like_an_archive_says_so(tmp_path: Path) -> None:
+    # No such file beside the checkout, so it is taken for an image, which is not there
+    # either (nor on any registry); the error says the file is missing too.
+    name = "no-such-base-uvmkit.tar.zst"
+    out = tmp_path / "out"
+
+    result = invoke("build-all", "--base", name, "--out", str(out), tmp_path=tmp_path)
+
+    assert_refused(result, out, name)
+    assert f"  hint: no file {ROOT / name} exists either; check the --base path" in result.stderr
+
+
+def test_out_is_the_checkouts_own_from_any_directory(tmp_path: Path) -> None:
+    here = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        assert out_dir("") == ROOT / "out"
+        assert out_dir("elsewhere") == Path("elsewhere")
+    finally:
+        os.chdir(here)
+
+
+def test_a_recipe_kernel_that_is_missing_is_said_at_build_time(base: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'base = "{base}"\nkernel = "vmlinuz-missing"\n')
+
+    result = invoke("build-all", "--image", str(recipe), "--out", str(tmp_path / "out"),
+                    tmp_path=tmp_path)  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"warning: kernel {tmp_path / 'vmlinuz-missing'} named by {recipe} does not exist: "
+        "invoke boot will need --kernel"
+    ) in result.stderr
+
+
 def test_a_base_that_is_a_stream_is_refused(base: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "base.fifo"
     os.mkfifo(fifo)
@@ -340,6 +405,19 @@ def test_clean_removes_what_builds_published_and_nothing_else(base: Path, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in foreign.iterdir()) == ["init", "initrd.img", "manifest.json"]
     assert "holds no files a uvmkit build published; left them alone" in left_alone.stderr
+    assert "removed" not in left_alone.stderr
+    # Five artifacts, the boot's log, and the build's two records (.uvmkit-files, -stamp).
+    assert f"removed 8 file(s) from {out}" in cleaned.stderr
+
+
+def test_clean_of_a_missing_out_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "never-built"
+
+    result = invoke("clean", "--out", str(missing), tmp_path=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert f"nothing to clean: {missing} does not exist" in result.stderr
+    assert not missing.exists()
 
 
 def test_an_out_that_cannot_be_written_is_one_line_for_every_task(
@@ -412,6 +490,7 @@ def test_the_agent_task_writes_the_guest_programs_alone(tmp_path: Path) -> None:
         assert program.read_bytes()[:4] == b"\x7fELF"
         assert program.stat().st_mode & 0o777 == 0o755
     assert not (out / "initrd.img").exists()
+    assert f"artifacts in {out}: init, uvmkit-agent" in result.stderr
 
 
 def test_a_source_date_epoch_past_2106_is_refused_for_the_initrd(

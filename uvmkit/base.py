@@ -25,7 +25,8 @@ from pathlib import Path
 from . import engine_images
 from .archive import header_checksum_ok
 from .cache import Cache, sha256_file
-from .errors import BadInputError
+from .config import user_path
+from .errors import BadInputError, UvmkitError
 from .interrupts import Handoff
 from .log import progress, step
 from .platforms import DEFAULT_PLATFORM, make_platform, parse_platform
@@ -102,6 +103,11 @@ def sniff(head: bytes) -> Sniffed:
     return Sniffed.UNKNOWN
 
 
+# Endings of the archives a file base comes as; an image reference ending so is most likely
+# a path that does not exist.
+ARCHIVE_SUFFIXES = (".tar", ".tgz", ".gz", ".zst", ".xz", ".bz2", ".cpio", ".img")
+
+
 def looks_like_path(ref: str) -> bool:
     """True when --base names something on disk rather than an image reference."""
     return os.path.exists(ref) or ref.startswith(("/", "./", "../", "~"))
@@ -122,7 +128,7 @@ class BaseId:
 def identify(ref: str) -> BaseId:
     """Find the base `ref` names (a path, else an engine image, pulled when missing)."""
     if looks_like_path(ref):
-        path = Path(ref).expanduser()
+        path = user_path(ref, "base")
         if not path.exists():
             raise BadInputError(f"base {ref} does not exist", hint="check the --base path")
         if not (path.is_file() or path.is_dir()):
@@ -151,7 +157,13 @@ def identify(ref: str) -> BaseId:
         # of an up-to-date build, which the lookup above answers without it.
         from . import engine
 
-        info = engine.resolve_image(ref)
+        try:
+            info = engine.resolve_image(ref)
+        except UvmkitError as exc:
+            if ref.endswith(ARCHIVE_SUFFIXES):
+                # More likely a file name mistyped than an image named like a file.
+                exc.hint = f"no file {os.path.abspath(ref)} exists either; check the --base path"
+            raise
     return BaseId(ref=ref, id=info.id, image=info)
 
 

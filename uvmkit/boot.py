@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import re
 import socket
 import statistics
@@ -176,6 +177,15 @@ def boot(options: BootOptions) -> int:
     qemu_path = qemu.find_qemu()
     kernel = qemu.find_kernel(options.kernel, recipe=_recipe(options))
     accel = qemu.choose_accel(options.accel, qemu_path, kernel)
+    _check_console_log(_console_path(options, 0))
+    host_cpus = os.cpu_count() or 1
+    if options.cpus > host_cpus:
+        log.warning(
+            "--cpus %d is more than this machine's %d CPUs: the guest will be slow to boot "
+            "(raise --timeout if it does not answer in time)",
+            options.cpus,
+            host_cpus,
+        )
     log.info("Booting %s with %s under %s", initrd, kernel, accel.upper())
     plan = _Plan(
         options=options,
@@ -207,6 +217,27 @@ def _validate(options: BootOptions) -> None:
     for ok, message in checks:
         if not ok:
             raise BadInputError(message, hint="invoke --help boot lists the options")
+
+
+def _check_console_log(path: Path) -> None:
+    """Refuse a console log that cannot be written before any guest starts."""
+    hint = "pass --console-log a file in a writable directory"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadInputError(
+                    f"cannot write the console log {path}: {parent} is not a directory",
+                    hint=hint,
+                )
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab"):
+            pass
+    except OSError as exc:
+        raise BadInputError(
+            f"cannot write the console log {path}: {exc.strerror} ({exc.filename})", hint=hint
+        ) from None
 
 
 def _console_path(options: BootOptions, index: int) -> Path:

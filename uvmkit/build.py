@@ -837,8 +837,7 @@ def publish(ctx: BuildContext, names: Sequence[str]) -> None:
         ctx.published = True
         if ctx.manifest_wanted:
             _write_stamp(ctx, ordered)
-    if ctx.manifest_wanted:
-        log.info("artifacts in %s: %s", out, ", ".join(ordered))
+    log.info("artifacts in %s: %s", out, ", ".join(ordered))
 
 
 def _retire_manifest(out: Path, names: Sequence[str]) -> None:
@@ -963,18 +962,23 @@ def clean_outputs(out: Path, *, cache: bool) -> None:
     """
     if out.exists() and not out.is_dir():
         raise BadInputError(f"{out} is a file, not an output directory", hint="check --out")
-    removed = 0
-    if (out / OWNED).exists():
+    if not out.exists():
+        log.info("nothing to clean: %s does not exist", out)
+    elif (out / OWNED).exists():
+        removed = 0
         logs = {p.name for p in out.glob("console*.log")}
         for name in sorted({*_owned(out), *logs, STAMP, OWNED}):
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 (out / name).unlink()
                 removed += 1
-    elif out.is_dir() and any(out.iterdir()):
-        log.info("%s holds no files a uvmkit build published; left them alone", out)
-    if out.is_dir():
         remove_stale_work(out)
-    log.info("removed %d file(s) from %s", removed, out)
+        log.info("removed %d file(s) from %s", removed, out)
+    else:
+        remove_stale_work(out)
+        if any(out.iterdir()):
+            log.info("%s holds no files a uvmkit build published; left them alone", out)
+        else:
+            log.info("nothing to clean: %s is empty", out)
     if cache:
         store = Cache(default_cache_dir())
         log.info("emptied the cache at %s (%s)", store.root, human_size(store.clear()))

@@ -10,12 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInputError
+from .log import log
 from .platforms import parse_platform
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES_DIR = ROOT / "images"
 GUEST_DIR = ROOT / "guest"
 TEMPLATES_DIR = ROOT / "templates"
+# Where builds write, and boot and clean look, unless told otherwise: out/ of this checkout,
+# from whichever of its directories invoke runs.
+DEFAULT_OUT = ROOT / "out"
 DEFAULT_IMAGE = "default"
 
 
@@ -70,6 +74,12 @@ class BuildConfig:
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
 
     def __post_init__(self) -> None:
+        if self.level is not None and self.compression is Compression.NONE and self.level:
+            raise BadInputError(
+                f"--level {self.level} does not apply to --compression none",
+                hint="leave --level out; rootfs.tar.gz and delta.tar.gz then take gzip's "
+                "default (3)",
+            )
         if self.level is not None:
             low, high = LEVEL_RANGE[self.compression]
             if not low <= self.level <= high:
@@ -122,9 +132,12 @@ def load_recipe(name: str) -> Recipe:
     Unknown keys and bad values are errors naming the file.
     """
     if name.endswith(".toml"):
-        path = Path(name).expanduser()
+        path = user_path(name, "recipe file")
         if not path.is_file():
-            raise BadInputError(f"recipe file {path} does not exist", hint="check --image")
+            hint = "check --image"
+            if (IMAGES_DIR / path.name).is_file():
+                hint = f"for the recipe under images/, pass --image {path.stem}"
+            raise BadInputError(f"recipe file {path} does not exist", hint=hint)
         name = path.stem
     else:
         path = IMAGES_DIR / f"{name}.toml"
@@ -212,7 +225,7 @@ def make_build_config(
     *,
     image: str = DEFAULT_IMAGE,
     base: str = "",
-    out: str = "out",
+    out: str = "",
     compression: str = "gzip",
     level: int | None = None,
     platform: str = "",
@@ -228,10 +241,17 @@ def make_build_config(
             hint=f"use one of: {', '.join(c.value for c in Compression)}",
         ) from None
     parse_platform(platform or recipe.platform)  # a malformed one is refused here
+    if recipe.kernel is not None and not recipe.kernel.is_file():
+        # Only `invoke boot` reads it; the build goes on, but says so now.
+        log.warning(
+            "kernel %s named by %s does not exist: invoke boot will need --kernel",
+            recipe.kernel,
+            recipe.path,
+        )
     return BuildConfig(
         recipe=recipe,
         base=base or recipe.base,
-        out_dir=Path(out),
+        out_dir=out_dir(out),
         source_date_epoch=default_source_date_epoch(),
         compression=chosen,
         level=level,
@@ -240,14 +260,43 @@ def make_build_config(
     )
 
 
+def out_dir(text: str) -> Path:
+    """--out's directory: DEFAULT_OUT when the option is left out (or empty)."""
+    return user_path(text, "--out") if text else DEFAULT_OUT
+
+
 def parse_level(text: str) -> int | None:
     """--level's value: empty for the compressor's default, else a whole number."""
     if not text:
         return None
+    return whole_number(
+        "--level", text, hint="gzip takes 0-3, zstd 1-19; leave it out for the default (3)"
+    )
+
+
+def whole_number(option: str, text: str, *, hint: str = "") -> int:
+    """A numeric command-line option's value; anything but a whole number is refused.
+
+    Tasks take numbers as text and read them here: Invoke's own conversion would answer
+    `--count abc` with a traceback.
+    """
     try:
         return int(text)
     except ValueError:
         raise BadInputError(
-            f"--level {text!r} is not a whole number",
-            hint="gzip takes 0-3, zstd 1-19; leave it out for the default (3)",
+            f"{option} {text!r} is not a whole number",
+            hint=hint or f"{option} takes a whole number, such as 2",
+        ) from None
+
+
+def user_path(text: str, what: str) -> Path:
+    """A path typed by the user with ~ expanded; ~NAME of no such user is refused."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        # Path.expanduser's answer to a ~NAME it cannot resolve (or no home at all).
+        name = text.split("/", 1)[0]
+        raise BadInputError(
+            f"{what} {text}: {name} is no user's home directory",
+            hint="spell the path out, or write ./~... for a directory named so",
         ) from None

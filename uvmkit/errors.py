@@ -77,7 +77,7 @@ def from_os_error(exc: OSError, *, where: str = "") -> UvmkitError | None:
     # A path in the way: a file where a directory should be, and the like.
     return BadInputError(
         f"cannot use {place}: {exc.strerror}",
-        hint="move what is at that path out of the way (invoke --debug shows where)",
+        hint="move what is at that path out of the way (UVMKIT_DEBUG=1 shows where)",
     )
 
 

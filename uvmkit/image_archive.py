@@ -661,7 +661,8 @@ def _docker_save(
     layer_names = _str_list(_get_list(image, "Layers", where), where, "Layers")
     if len(images) > 1:
         log.warning(
-            "%s holds %d images; using the first (%s)",
+            "%s holds %d images; using the first (%s). To build another, save it alone: "
+            "docker save IMAGE -o FILE",
             archive,
             len(images),
             ", ".join(tags) or config_name,

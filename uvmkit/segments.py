@@ -124,7 +124,13 @@ class SegmentStore:
             segment = Segment(**record["segment"])
             source = (self.cache.root / "builds" / record["build"] / record["artifact"]).open("rb")
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.debug("segment %s unusable (%s); compressing afresh", key, exc)
+            # The record checked out, but what it points into may have gone since.
+            log.debug(
+                "a compressed segment of %s: not reused after all, its source is unusable "
+                "(%s); compressing afresh",
+                artifact,
+                exc,
+            )
             return None
         try:
             intact = _range_sha256(source, segment.offset, segment.length) == segment.sha256
@@ -133,7 +139,12 @@ class SegmentStore:
             raise
         if not intact:
             source.close()
-            log.debug("%s: its source %s changed; compressing afresh", key, source.name)
+            log.debug(
+                "a compressed segment of %s: not reused after all, its source %s changed; "
+                "compressing afresh",
+                artifact,
+                source.name,
+            )
             return None
         # Checked, so a failure from here on is the disk's, and fails the build: half a
         # segment must never stay in an artifact. The writer copies it, and closes source.
