@@ -116,6 +116,61 @@ def test_a_full_cache_does_not_fail_the_build(tmp_path: Path, small_disk: Path) 
     assert by_path(read_archive(tmp_path / "out" / "rootfs.tar.gz"))[b"noise"].data == noise
 
 
+def test_a_cache_too_small_even_for_the_guest_costs_warnings(base: Path, tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "tiny", "16k") as tiny:
+        env = dict(os.environ, XDG_CACHE_HOME=str(tiny))
+        argv = [sys.executable, "-m", "invoke", "build-all", "--base", str(base), "--out",
+                str(tmp_path / "out")]  # fmt: skip
+
+        result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert f"warning: could not keep the guest programs in the cache at {tiny}/uvmkit (No " \
+        "space left on device)" in result.stderr  # fmt: skip
+    assert "warning: could not keep this build in the cache" in result.stderr
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path / "out")
+    assert check.returncode == 0
+
+
+def test_a_cache_that_is_a_file_is_left_out(base: Path, tmp_path: Path) -> None:
+    (tmp_path / "xdg-cache").write_text("not a directory")
+    out = tmp_path / "out"
+
+    result = invoke("build-all", "--base", str(base), "--out", str(out), tmp_path=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(
+        f"warning: cannot write the cache at {tmp_path / 'xdg-cache' / 'uvmkit'} (Not a "
+        "directory); building without it\n"
+    )
+    assert "damaged" not in result.stderr
+    assert subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out).returncode == 0
+    assert (tmp_path / "xdg-cache").read_text() == "not a directory"
+
+
+def test_a_read_only_cache_still_serves(base: Path, tmp_path: Path) -> None:
+    first = invoke("build-all", "--base", str(base), "--out", str(tmp_path / "first"),
+                   tmp_path=tmp_path)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    cache = tmp_path / "xdg-cache" / "uvmkit"
+    entries_before = sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
+    for folder in (cache, *(p for p in cache.rglob("*") if p.is_dir())):
+        folder.chmod(0o555)
+    out = tmp_path / "second"
+
+    second = invoke("build-all", "--base", str(base), "--out", str(out), tmp_path=tmp_path,
+                    as_user=True)  # fmt: skip
+
+    assert second.returncode == 0, second.stderr
+    assert (
+        f"warning: cannot write the cache at {cache} (Permission denied); building without "
+        "keeping anything in it"
+    ) in second.stderr
+    assert "reused the cached build of these inputs" in second.stderr
+    assert _artifacts(out) == _artifacts(tmp_path / "first")
+    assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == entries_before
+
+
 def test_level_0_takes_data_that_does_not_compress(tmp_path: Path) -> None:
     rng = random.Random(6)
     noise = bytes(rng.getrandbits(8) for _ in range(2 << 20))
@@ -218,6 +273,51 @@ def test_a_step_task_retires_the_manifest_it_would_contradict(base: Path, tmp_pa
         "initrd.img",
         "rootfs.tar.gz",
     ]
+
+
+def _contents(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+def _artifacts(directory: Path) -> dict[str, bytes]:
+    """The files a build published, without its own records (.uvmkit-*)."""
+    return {name: data for name, data in _contents(directory).items() if name[0] != "."}
+
+
+def test_a_publication_that_fails_midway_is_taken_back(base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = invoke("build-all", "--base", str(base), "--out", str(out), tmp_path=tmp_path)
+    assert first.returncode == 0, first.stderr
+    # rootfs.tar.gz is renamed after delta.tar.gz and initrd.img: a directory in its way
+    # stops the publication when those two are already in place.
+    (out / "rootfs.tar.gz").unlink()
+    (out / "rootfs.tar.gz" / "x").mkdir(parents=True)
+    before = _contents(out)
+
+    again = invoke("build-all", "--base", str(base), "--out", str(out), "--level", "1",
+                   tmp_path=tmp_path)  # fmt: skip
+    after_failure = _contents(out)
+    step = invoke("initrd", "--base", str(base), "--out", str(out), "--level", "1",
+                  tmp_path=tmp_path)  # fmt: skip
+    fresh_out = tmp_path / "fresh"
+    (fresh_out / "initrd.img").mkdir(parents=True)
+    fresh = invoke("build-all", "--base", str(base), "--out", str(fresh_out), tmp_path=tmp_path)
+
+    assert again.returncode == 1
+    assert again.stderr.splitlines()[-2:] == [
+        f"error: cannot replace {out / 'rootfs.tar.gz'}: Is a directory",
+        f"  hint: move (or unlock) what is at that path; nothing in {out} was changed",
+    ]
+    assert step.returncode == 0, step.stderr  # it leaves rootfs.tar.gz alone
+    assert fresh.returncode == 1 and f"cannot replace {fresh_out / 'initrd.img'}" in fresh.stderr
+    assert sorted(p.name for p in fresh_out.iterdir()) == ["initrd.img"]
+    assert list((fresh_out / "initrd.img").iterdir()) == []
+    assert after_failure == before
+    after = _contents(out)
+    # The step task then replaced initrd.img and took away the build-all's records.
+    assert after["initrd.img"] != before["initrd.img"]
+    assert "manifest.json" not in after and "SHA256SUMS" not in after
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".uvmkit-build")) == []
 
 
 def test_leftovers_of_killed_builds_are_removed(base: Path, tmp_path: Path) -> None:
@@ -504,5 +604,12 @@ def test_a_source_date_epoch_past_2106_is_refused_for_the_initrd(
         cwd=ROOT, env=env, capture_output=True, text=True,
     )  # fmt: skip
 
-    assert_refused(result, out, "initrd.img", "past what newc cpio holds")
-    assert "SOURCE_DATE_EPOCH to 4294967295" in result.stderr
+    assert_refused(result, out, "SOURCE_DATE_EPOCH=4294967296 is past the last time newc cpio "
+                   "(initrd.img) holds (4294967295, in the year 2106)")  # fmt: skip
+    assert "  hint: set SOURCE_DATE_EPOCH to 4294967295 or less" in result.stderr
+    rootfs = subprocess.run(
+        [sys.executable, "-m", "invoke", "rootfs", "--base", str(base), "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert rootfs.returncode == 0, rootfs.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name[0] != ".") == ["rootfs.tar.gz"]

@@ -42,14 +42,23 @@ from .base import (
 from .cache import ENTRY_FILE, Cache, cache_key, sha256_file
 from .compress import CompressedWriter
 from .config import TEMPLATES_DIR, BuildConfig, Compression, InitChoice, default_cache_dir
-from .errors import BadInputError, Interrupted, UvmkitError, from_os_error, show_name
+from .errors import (
+    BadInputError,
+    FormatLimitError,
+    Interrupted,
+    UvmkitError,
+    from_os_error,
+    show_name,
+)
 from .inits import check_init
 from .interrupts import deferred_interrupts, result_of, sigterm_as_interrupt
 from .log import human_size, log, progress, step
 from .run import process_alive
 from .segments import Output, SegmentStore, layer_identity, split_runs, write_in_runs
+from .swap import all_or_nothing
 from .tree import WHITEOUT_PREFIX, Inode, Tree
 from .writers import (
+    NEWC_MAX,
     NewcWriter,
     Planned,
     TarWriter,
@@ -139,6 +148,7 @@ def build(config: BuildConfig, targets: frozenset[Artifact] = ALL_ARTIFACTS) -> 
     out = prepare_out(config.out_dir)
     remove_stale_work(out)
     cache = Cache(config.cache_dir, enabled=config.use_cache)
+    cache.check()
     work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}.", dir=out))
     # Held for the whole build: a later build that can take it knows this one is gone.
     lock = os.open(work / WORK_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
@@ -173,6 +183,14 @@ def _interrupted(ctx: BuildContext) -> Interrupted:
 
 
 def _build(ctx: BuildContext) -> BuildResult:
+    sde = ctx.config.source_date_epoch
+    if Artifact.INITRD in ctx.targets and sde > NEWC_MAX:
+        # uvmkit's own files carry that time, so no initrd.img could hold it.
+        raise FormatLimitError(
+            f"SOURCE_DATE_EPOCH={sde} is past the last time newc cpio (initrd.img) holds "
+            f"({NEWC_MAX}, in the year 2106)",
+            hint=f"set SOURCE_DATE_EPOCH to {NEWC_MAX} or less; `invoke rootfs` takes any",
+        )
     if ctx.targets == {Artifact.AGENT}:
         # The guest programs alone: no base, no engine.
         if not reuse_agent(ctx):
@@ -465,19 +483,28 @@ def reuse_agent(ctx: BuildContext) -> bool:
 
 
 def build_agent(ctx: BuildContext) -> None:
-    """Compile /init and the agent, and keep them in the cache."""
+    """Compile /init and the agent, and keep them in the cache.
 
-    def make(directory: Path) -> None:
-        built = guest.build_guest(directory, source_date_epoch=ctx.config.source_date_epoch)
-        (directory / "build.json").write_text(
-            json.dumps({"compiler": built.compiler, "source_hash": built.source_hash})
+    They are compiled in the work directory, not in the cache: a full cache disk must
+    cost the cache entry, not the build.
+    """
+    directory = ctx.work / "guest"
+    built = guest.build_guest(directory, source_date_epoch=ctx.config.source_date_epoch)
+    (directory / "build.json").write_text(
+        json.dumps({"compiler": built.compiler, "source_hash": built.source_hash})
+    )
+    _use_guest(ctx, directory)
+    try:
+        with ctx.cache.store("guest", guest.guest_source_hash()) as tmp:
+            if tmp is not None:
+                for name in ("init", "uvmkit-agent", "build.json"):
+                    _copy(directory / name, tmp / name)
+    except OSError as exc:
+        log.warning(
+            "could not keep the guest programs in the cache at %s (%s)",
+            ctx.cache.root,
+            exc.strerror or exc,
         )
-
-    source_hash = guest.guest_source_hash()
-    with ctx.cache.store("guest", source_hash) as tmp:
-        directory = tmp or ctx.work / "guest"
-        make(directory)
-    _use_guest(ctx, ctx.cache.root / "guest" / source_hash if tmp else directory)
 
 
 def _use_guest(ctx: BuildContext, entry: Path) -> None:
@@ -819,41 +846,43 @@ def _store_in_cache(ctx: BuildContext) -> None:
 
 
 def publish(ctx: BuildContext, names: Sequence[str]) -> None:
-    """Rename the finished artifacts into out/, the manifest last.
+    """Rename the finished artifacts into out/, the manifest last, all or none of them.
 
-    Ctrl-C is held off until every rename is done, so out/ never holds some artifacts of
-    this build beside others of the build before.
+    Ctrl-C is held off until every rename is done, and a rename that fails takes the
+    others back, so out/ never holds some artifacts of this build beside others of the
+    build before.
     """
     out = ctx.config.out_dir
     ordered = sorted(names, key=lambda n: (n in (MANIFEST, SUMS), n))
+    retire = not ctx.manifest_wanted and _describes_any(out, names)
     with deferred_interrupts():
-        if not ctx.manifest_wanted:
-            _retire_manifest(out, names)
         # What `invoke clean` may remove: what builds published here, and nothing else.
         (ctx.work / OWNED).write_text(json.dumps(sorted(_owned(out) | set(ordered))) + "\n")
-        os.replace(ctx.work / OWNED, out / OWNED)
-        for name in ordered:
-            os.replace(ctx.work / name, out / name)
+        with all_or_nothing(out, ctx.work) as swap:
+            if retire:
+                # A step task replacing an artifact of an earlier build-all takes that
+                # build's records away: they would no longer describe out/.
+                for name in (MANIFEST, SUMS, STAMP):
+                    swap.remove(name)
+            swap.put(OWNED)
+            for name in ordered:
+                swap.put(name)
         ctx.published = True
         if ctx.manifest_wanted:
             _write_stamp(ctx, ordered)
+    if retire:
+        log.info("removed %s and %s from %s: they described the earlier build-all", MANIFEST,
+                 SUMS, out)  # fmt: skip
     log.info("artifacts in %s: %s", out, ", ".join(ordered))
 
 
-def _retire_manifest(out: Path, names: Sequence[str]) -> None:
-    """A step task replacing an artifact of an earlier build-all takes that build's
-    manifest.json and SHA256SUMS away: they would no longer describe out/."""
+def _describes_any(out: Path, names: Sequence[str]) -> bool:
+    """True when out/'s manifest lists any of these artifacts."""
     try:
         listed = json.loads((out / MANIFEST).read_text())["artifacts"]
+        return bool(set(names) & set(listed))
     except (OSError, ValueError, KeyError, TypeError):
-        return
-    if not set(names) & set(listed):
-        return
-    for name in (MANIFEST, SUMS, STAMP):
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
-    log.info("removed %s and %s from %s: they described the earlier build-all", MANIFEST, SUMS,
-             out)  # fmt: skip
+        return False
 
 
 # --- helpers ------------------------------------------------------------------------

@@ -46,8 +46,33 @@ class Cache:
     def __init__(self, root: Path, *, enabled: bool = True) -> None:
         self.root = root
         self.enabled = enabled
+        # False for a cache that can be read but not written: its entries serve, and
+        # nothing new is kept.
+        self.writable = enabled
         # sha256 sums taken while files were written, to spare reading them again.
         self._known: dict[Path, str] = {}
+
+    def check(self) -> None:
+        """Make sure the cache can be written before a build counts on it.
+
+        The cache only saves time, so one that cannot be written (read-only, not ours, a
+        file in its place) is a warning: a directory is still read, anything else ignored.
+        """
+        if not self.enabled:
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as exc:
+            self.writable = False
+            self.enabled = self.root.is_dir()
+            log.warning(
+                "cannot write the cache at %s (%s); building without %s",
+                self.root,
+                exc.strerror,
+                "keeping anything in it" if self.enabled else "it",
+            )
 
     def note_hash(self, path: Path, digest: str) -> None:
         """Record the sha256 of a file just written into an entry, as its writer saw it."""
@@ -88,9 +113,10 @@ class Cache:
     def store(self, kind: str, key: str) -> Iterator[Path | None]:
         """A directory to write a new entry's files into, kept only if the block succeeds.
 
-        Yields None when the cache is disabled; the caller then writes elsewhere.
+        Yields None when the cache is disabled or cannot be written; the caller then writes
+        elsewhere.
         """
-        if not self.enabled:
+        if not self.enabled or not self.writable:
             yield None
             return
         parent = self.root / kind

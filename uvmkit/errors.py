@@ -61,6 +61,8 @@ def from_os_error(exc: OSError, *, where: str = "") -> UvmkitError | None:
     """
     place = exc.filename or where
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # A copy's error names its source first and the file written to second.
+        place = exc.filename2 or place
         return ToolError(
             f"no space left on the device while writing {place}",
             hint="free some space, or point --out or XDG_CACHE_HOME at another disk; "
