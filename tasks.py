@@ -23,6 +23,7 @@ from uvmkit import build
 from uvmkit.build import clean_outputs
 from uvmkit.config import DEFAULT_IMAGE, make_build_config, out_dir, parse_level, whole_number
 from uvmkit.errors import UvmkitError, from_os_error
+from uvmkit.interrupts import exit_status
 from uvmkit.log import debug_enabled, log, setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -46,7 +47,7 @@ def friendly(func: F) -> F:
             raise
         except KeyboardInterrupt as exc:
             log.error("%s", getattr(exc, "message", "interrupted"))
-            raise Exit(code=130) from None
+            raise Exit(code=exit_status()) from None
         except Exception as exc:
             if debug:
                 traceback.print_exc()

@@ -360,6 +360,14 @@ def test_unreadable_base_file(tmp_path: Path) -> None:
     _assert_clean_failure(result, str(base), "not a tar, cpio, gzip or zstd archive")
 
 
+def test_an_empty_tar_as_base_is_called_empty(tmp_path: Path) -> None:
+    base = tmp_path / "empty.tar"
+    subprocess.run(["tar", "-cf", str(base), "--files-from", "/dev/null"], check=True)
+    result = invoke("build-all", "--base", str(base), "--out", str(tmp_path / "out"),
+                    env=_env(tmp_path))  # fmt: skip
+    _assert_clean_failure(result, f"base {base} holds no entries: it is an empty tar, or zeros")
+
+
 def test_malformed_reference_is_blamed_on_the_reference(tmp_path: Path) -> None:
     result = invoke("build-all", "--base", "Bad Ref!!", "--out", str(tmp_path / "out"),
                     env=_env(tmp_path))  # fmt: skip
@@ -446,8 +454,11 @@ def test_failed_build_keeps_previous_artifacts(busybox_image: str, tmp_path: Pat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_ctrl_c_leaves_nothing_behind(
-    debian_image: str, engine: docker.DockerClient, tmp_path: Path
+@pytest.mark.parametrize(
+    ("sent", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
+def test_an_interrupt_leaves_nothing_behind(
+    debian_image: str, engine: docker.DockerClient, tmp_path: Path, sent: int, status: int
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -463,10 +474,10 @@ def test_ctrl_c_leaves_nothing_behind(
     for line in proc.stderr:
         if "Exporting" in line:
             time.sleep(0.3)  # inside the export stream
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sent)
             break
     rest = proc.stderr.read()
-    assert proc.wait(timeout=60) == 130, rest
+    assert proc.wait(timeout=60) == status, rest
     assert "interrupted" in rest
     assert sorted(p.name for p in out.iterdir()) == ["initrd.img"]
     assert (out / "initrd.img").read_bytes() == b"the previous initrd"

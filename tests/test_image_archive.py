@@ -351,6 +351,30 @@ def test_detect_each_kind(tmp_path: Path) -> None:
     assert detect(lookalike) is None
 
 
+def test_an_image_archive_without_its_index_is_refused(tmp_path: Path) -> None:
+    layer = layer_tar([file("etc/hostname", b"vm\n")])
+    saved = write_docker_save(tmp_path / "saved.tar", [layer])
+    headless = tmp_path / "headless.tar"
+    with tarfile.open(saved.path) as source, tarfile.open(headless, "w") as target:
+        for member in source.getmembers():
+            if member.name != "manifest.json":
+                target.addfile(member, source.extractfile(member) if member.isfile() else None)
+    oci_root = write_oci_layout(tmp_path / "oci", [OciImage([layer])]).root
+    (oci_root / "index.json").unlink()
+    oci = tar_directory(oci_root, tmp_path / "oci.tar")
+
+    with pytest.raises(BadInputError) as no_manifest:
+        detect(headless)
+    with pytest.raises(BadInputError) as no_index:
+        detect(oci)
+
+    assert no_manifest.value.message == (
+        f"{headless} looks like a docker save archive ({saved.layer_members[0]}) but has no "
+        "manifest.json"
+    )
+    assert no_index.value.message == f"{oci} has an oci-layout file but no index.json"
+
+
 def test_docker_25_layout_is_read_as_docker_save(tmp_path: Path, cache: Cache) -> None:
     """Docker 25+ writes an OCI layout with manifest.json naming blobs/sha256/<hex>."""
     layer = layer_tar([file("etc/os-release", b"ID=test\n")])

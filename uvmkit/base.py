@@ -243,7 +243,9 @@ def from_engine(
         with step(f"Exporting {ref}"):
             cache.note_hash(target, _export(info, target, reader))
 
-    entry = cache.get_or_make("exports", key, f"export of {ref}", make, scratch=work_dir / "export")
+    # Not repeated when the cache fills up: the export feeds the tree as it streams.
+    entry = cache.get_or_make("exports", key, f"export of {ref}", make,
+                              scratch=work_dir / "export", repeatable=False)  # fmt: skip
     layer = dataclasses.replace(layer, path=entry / layer.path)
     return BaseSource(
         ref=ref,
@@ -408,6 +410,12 @@ def from_file(
     except OSError as exc:
         raise BadInputError(f"cannot read base {path}: {exc.strerror}") from None
     kind = sniff(head)
+    if kind is Sniffed.UNKNOWN and head and not head.strip(b"\0"):
+        # An empty tar is nothing but zero blocks; so is a file zeroed by a disk fault.
+        raise BadInputError(
+            f"base {path} holds no entries: it is an empty tar, or zeros",
+            hint="give an archive of a root filesystem (an empty base cannot boot)",
+        )
     if kind in (Sniffed.BZIP2, Sniffed.XZ, Sniffed.UNKNOWN):
         raise BadInputError(
             f"base {path} is not a tar, cpio, gzip or zstd archive"

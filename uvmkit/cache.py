@@ -144,22 +144,37 @@ class Cache:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def get_or_make(
-        self, kind: str, key: str, what: str, make: Callable[[Path], None], *, scratch: Path
+        self,
+        kind: str,
+        key: str,
+        what: str,
+        make: Callable[[Path], None],
+        *,
+        scratch: Path,
+        repeatable: bool = True,
     ) -> Path:
         """The entry's directory: reused when it verifies, else filled by `make(directory)`.
 
-        With the cache disabled, `make` fills `scratch` instead, which is returned.
+        With the cache disabled, `make` fills `scratch` instead, which is returned. So it
+        does when the cache's disk fills up while `make` runs, if `make` may run twice
+        (`repeatable`); otherwise that is an error.
         """
         entry = self.lookup(kind, key, what)
         if entry is not None:
             return entry
-        with self.store(kind, key) as tmp:
-            if tmp is None:
-                scratch.mkdir(parents=True, exist_ok=True)
-                make(scratch)
-                return scratch
-            make(tmp)
-        return self.root / kind / key
+        try:
+            with self.store(kind, key) as tmp:
+                if tmp is not None:
+                    make(tmp)
+                    return self.root / kind / key
+        except OSError as exc:
+            if not repeatable or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.warning("the cache at %s is full; keeping %s with this build only", self.root, what)
+            self.writable = False
+        scratch.mkdir(parents=True, exist_ok=True)
+        make(scratch)
+        return scratch
 
     def clear(self) -> int:
         """Remove everything; returns the bytes freed."""

@@ -108,7 +108,29 @@ def detect(path: Path, *, name: str | None = None) -> str | None:
         raise BadInputError(f"cannot read {archive}: {exc.strerror}") from None
     if OCI_LAYOUT.encode() in seen and INDEX_JSON.encode() in seen:
         return OCI
+    _refuse_partial_layout(seen, archive)
     return None
+
+
+# A docker save archive's layers: a directory named by a hex ID, holding layer.tar.
+_SAVED_LAYER = re.compile(rb"[0-9a-f]{64}/layer\.tar")
+
+
+def _refuse_partial_layout(members: set[bytes], archive: str) -> None:
+    """An image archive that lost its index is an error, not a root filesystem of JSON
+    files and layer tars."""
+    saved = sorted(m for m in members if _SAVED_LAYER.fullmatch(m))
+    if saved or b"repositories" in members:
+        example = (saved or [b"repositories"])[0].decode()
+        raise BadInputError(
+            f"{archive} looks like a docker save archive ({example}) but has no {MANIFEST_JSON}",
+            hint="save the image again (docker save IMAGE -o FILE); the archive is incomplete",
+        )
+    if OCI_LAYOUT.encode() in members:
+        raise BadInputError(
+            f"{archive} has an {OCI_LAYOUT} file but no {INDEX_JSON}",
+            hint="copy the whole OCI image layout again; it is incomplete",
+        )
 
 
 # --- entry points ------------------------------------------------------------------------

@@ -13,6 +13,14 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+# The signal that interrupted this process, once one has: SIGINT (Ctrl-C) or SIGTERM.
+_received: list[int] = []
+
+
+def exit_status() -> int:
+    """A shell's status for the interruption: 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
+    return 128 + (_received[-1] if _received else signal.SIGINT)
+
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
@@ -23,6 +31,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        _received.append(signum)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -50,6 +59,7 @@ def deferred_interrupts() -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if caught:
+        _received.append(caught[-1])
         raise KeyboardInterrupt
 
 
