@@ -21,7 +21,14 @@ from invoke.tasks import task
 
 from uvmkit import build
 from uvmkit.build import clean_outputs
-from uvmkit.config import DEFAULT_IMAGE, make_build_config, out_dir, parse_level, whole_number
+from uvmkit.config import (
+    DEFAULT_IMAGE,
+    make_build_config,
+    not_empty,
+    out_dir,
+    parse_level,
+    whole_number,
+)
 from uvmkit.errors import UvmkitError, from_os_error
 from uvmkit.interrupts import exit_status
 from uvmkit.log import debug_enabled, log, setup_logging
@@ -116,21 +123,21 @@ def _build_task(name: str, targets: frozenset[build.Artifact], doc: str) -> Any:
     def body(
         c: Context,
         image: str = DEFAULT_IMAGE,
-        base: str = "",
-        out: str = "",
+        base: str | None = None,
+        out: str | None = None,
         compression: str = "gzip",
-        level: str = "",
-        platform: str = "",
+        level: str | None = None,
+        platform: str | None = None,
         no_cache: bool = False,
     ) -> None:
         _build(
             targets,
             image=image,
-            base=base,
-            out=out,
+            base=not_empty("--base", base),
+            out=not_empty("--out", out),
             compression=compression,
-            level=level,
-            platform=platform,
+            level=not_empty("--level", level),
+            platform=not_empty("--platform", platform),
             no_cache=no_cache,
         )
 
@@ -193,9 +200,9 @@ def bench(c: Context, base: str = "debian-minbase:local", rounds: str = "3") -> 
     }
 )
 @friendly
-def clean(c: Context, out: str = "", cache: bool = False) -> None:
+def clean(c: Context, out: str | None = None, cache: bool = False) -> None:
     """Remove what builds wrote into OUT; with --cache, empty the build cache too."""
-    clean_outputs(out_dir(out), cache=cache)
+    clean_outputs(out_dir(not_empty("--out", out)), cache=cache)
 
 
 @task(
@@ -220,10 +227,10 @@ def clean(c: Context, out: str = "", cache: bool = False) -> None:
 @friendly
 def boot(
     c: Context,
-    out: str = "",
-    kernel: str = "",
-    image: str = "",
-    exec: str = "",
+    out: str | None = None,
+    kernel: str | None = None,
+    image: str | None = None,
+    exec: str | None = None,
     timeout: str = "60",
     accel: str = "auto",
     cpus: str = "1",
@@ -232,7 +239,7 @@ def boot(
     count: str = "1",
     parallel: str = "1",
     measure: bool = False,
-    console_log: str = "",
+    console_log: str | None = None,
 ) -> None:
     """Boot the built initrd under QEMU, talk to the guest agent, optionally run a command."""
     import shlex
@@ -248,16 +255,18 @@ def boot(
             f"--accel {accel!r} is not one of auto, kvm, tcg",
             hint="auto uses KVM where it really works, else TCG",
         ) from None
+    kernel_path = not_empty("--kernel", kernel)
+    log_path = not_empty("--console-log", console_log)
     try:
-        command = tuple(shlex.split(exec))
+        command = tuple(shlex.split(exec or ""))
     except ValueError as exc:
         raise BadInputError(f"--exec {exec!r}: {exc}", hint="quote it as for a shell") from None
-    if exec and not command:
+    if exec is not None and not command:
         raise BadInputError("--exec names no command", hint="leave --exec out for the smoke check")
     options = harness.BootOptions(
-        out_dir=out_dir(out),
-        kernel=Path(kernel) if kernel else None,
-        image=image,
+        out_dir=out_dir(not_empty("--out", out)),
+        kernel=Path(kernel_path) if kernel_path else None,
+        image=not_empty("--image", image),
         command=command,
         timeout=whole_number("--timeout", timeout),
         accel=accel_choice,
@@ -267,7 +276,7 @@ def boot(
         count=whole_number("--count", count),
         parallel=whole_number("--parallel", parallel),
         measure=measure,
-        console_log=Path(console_log) if console_log else None,
+        console_log=Path(log_path) if log_path else None,
     )
     status = harness.boot(options)
     if status != 0:

@@ -423,8 +423,11 @@ def test_settings_that_make_no_sense_are_one_line_with_a_hint(base: Path, tmp_pa
         (("boot", "--count", "abc"), "--count 'abc' is not a whole number", "whole number"),
         (("boot", "--timeout", "1.5"), "--timeout '1.5' is not a whole number", "whole number"),
         (("boot", "--memory", "1G"), "--memory '1G' is not a whole number", "whole number"),
+        (("build-all", "--base", ""), "--base is empty", "leave it out"),
+        (("boot", "--exec", ""), "--exec names no command", "leave --exec out"),
     ],
-    ids=["unknown-user", "level-for-none", "recipe-file-name", "count", "timeout", "memory"],
+    ids=["unknown-user", "level-for-none", "recipe-file-name", "count", "timeout", "memory",
+         "empty-base", "empty-exec"],
 )  # fmt: skip
 def test_option_mistakes_are_one_line_with_a_hint(
     tmp_path: Path, args: tuple[str, ...], message: str, hint: str
@@ -522,6 +525,25 @@ def test_clean_removes_what_builds_published_and_nothing_else(base: Path, tmp_pa
     assert "removed" not in left_alone.stderr
     # Five artifacts, the boot's log, and the build's two records (.uvmkit-files, -stamp).
     assert f"removed 8 file(s) from {out}" in cleaned.stderr
+
+
+def test_clean_with_a_damaged_record_warns_and_keeps_the_artifacts(
+    base: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    built = invoke("build-all", "--base", str(base), "--out", str(out), tmp_path=tmp_path)
+    assert built.returncode == 0, built.stderr
+    (out / ".uvmkit-files").write_text("garbage")
+
+    cleaned = invoke("clean", "--out", str(out), tmp_path=tmp_path)
+
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert f"warning: {out / '.uvmkit-files'} lists no files (it is damaged or empty)" in (
+        cleaned.stderr
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "SHA256SUMS", "delta.tar.gz", "initrd.img", "manifest.json", "rootfs.tar.gz"
+    ]  # fmt: skip
 
 
 def test_clean_of_a_missing_out_says_so_and_creates_nothing(tmp_path: Path) -> None:

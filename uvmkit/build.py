@@ -994,6 +994,12 @@ def clean_outputs(out: Path, *, cache: bool) -> None:
     if not out.exists():
         log.info("nothing to clean: %s does not exist", out)
     elif (out / OWNED).exists():
+        if not _owned(out):
+            log.warning(
+                "%s lists no files (it is damaged or empty): only uvmkit's records and boot "
+                "logs are removed; remove the artifacts by hand",
+                out / OWNED,
+            )
         removed = 0
         logs = {p.name for p in out.glob("console*.log")}
         for name in sorted({*_owned(out), *logs, STAMP, OWNED}):

@@ -260,6 +260,19 @@ def make_build_config(
     )
 
 
+def not_empty(option: str, value: str | None) -> str:
+    """An option's text, "" when it was left out; given but empty, it is refused.
+
+    Tasks default such options to None, so `--base ""` (a variable that expanded to
+    nothing, say) is not taken for "the default".
+    """
+    if value is None:
+        return ""
+    if not value:
+        raise BadInputError(f"{option} is empty", hint="give it a value, or leave it out")
+    return value
+
+
 def out_dir(text: str) -> Path:
     """--out's directory: DEFAULT_OUT when the option is left out (or empty)."""
     return user_path(text, "--out") if text else DEFAULT_OUT
