@@ -66,7 +66,7 @@ class Cache:
                 pass
         except OSError as exc:
             self.writable = False
-            self.enabled = self.root.is_dir()
+            self.enabled = self.root.is_dir() and os.access(self.root, os.R_OK | os.X_OK)
             log.warning(
                 "cannot write the cache at %s (%s); building without %s",
                 self.root,
