@@ -5,6 +5,7 @@ on uvmkit's own files, settings that make no sense. Real builds from file inputs
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -144,6 +145,23 @@ def test_a_cache_too_small_even_for_the_guest_costs_warnings(base: Path, tmp_pat
     assert "warning: could not keep this build in the cache" in result.stderr
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path / "out")
     assert check.returncode == 0
+
+
+def test_a_cache_that_cannot_be_emptied_says_so(tmp_path: Path) -> None:
+    stuck = tmp_path / "xdg-cache" / "uvmkit" / "builds"
+    stuck.mkdir(parents=True)
+    (stuck / "entry").write_text("kept")
+    stuck.chmod(0o555)
+
+    result = invoke("clean", "--cache", "--out", str(tmp_path / "out"), tmp_path=tmp_path,
+                    as_user=True)  # fmt: skip
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-2:] == [
+        f"error: cannot empty the cache at {stuck.parent}: Permission denied",
+        "  hint: check that its file system is writable and the files are yours, or remove it "
+        "by hand",
+    ]
 
 
 def test_a_cache_that_is_a_file_is_left_out(base: Path, tmp_path: Path) -> None:
@@ -425,9 +443,12 @@ def test_settings_that_make_no_sense_are_one_line_with_a_hint(base: Path, tmp_pa
         (("boot", "--memory", "1G"), "--memory '1G' is not a whole number", "whole number"),
         (("build-all", "--base", ""), "--base is empty", "leave it out"),
         (("boot", "--exec", ""), "--exec names no command", "leave --exec out"),
+        (("build-all", "--platform", "linux/arm64"),
+         "--platform linux/arm64: uvmkit's guest programs are built for linux/amd64 only",
+         "--platform linux/amd64 picks it"),
     ],
     ids=["unknown-user", "level-for-none", "recipe-file-name", "count", "timeout", "memory",
-         "empty-base", "empty-exec"],
+         "empty-base", "empty-exec", "arm64"],
 )  # fmt: skip
 def test_option_mistakes_are_one_line_with_a_hint(
     tmp_path: Path, args: tuple[str, ...], message: str, hint: str
@@ -461,6 +482,40 @@ def test_out_is_the_checkouts_own_from_any_directory(tmp_path: Path) -> None:
         assert out_dir("elsewhere") == Path("elsewhere")
     finally:
         os.chdir(here)
+
+
+def test_a_base_path_that_is_not_utf8_goes_into_info_as_its_bytes(
+    base: Path, tmp_path: Path
+) -> None:
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/base-\xff.tar"))
+    odd.write_bytes(base.read_bytes())
+    out = tmp_path / "out"
+
+    result = invoke("build-all", "--base", str(odd), "--out", str(out), tmp_path=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    info = by_path(read_archive(out / "rootfs.tar.gz"))[b"info/base"].data
+    assert info == bytes(odd) + b"\n"
+    assert json.loads((out / "manifest.json").read_bytes())["base"]["ref"] == str(odd)
+
+
+def test_a_recipes_file_base_is_found_from_the_recipe(base: Path, tmp_path: Path) -> None:
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "up.toml").write_text('base = "../base.tar"\n')
+    (recipes / "beside.toml").write_text('base = "base.tar"\n')
+    (recipes / "base.tar").write_bytes(base.read_bytes())
+
+    for name in ("up", "beside"):
+        out = tmp_path / name
+        result = invoke("build-all", "--image", str(recipes / f"{name}.toml"), "--out", str(out),
+                        tmp_path=tmp_path)  # fmt: skip
+
+        assert result.returncode == 0, result.stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        given = "../base.tar" if name == "up" else "base.tar"
+        assert manifest["base"]["ref"] == str(recipes / given)
+        assert manifest["base"]["id"] == f"sha256:{hashlib.sha256(base.read_bytes()).hexdigest()}"
 
 
 def test_a_recipe_kernel_that_is_missing_is_said_at_build_time(base: Path, tmp_path: Path) -> None:

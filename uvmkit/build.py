@@ -657,7 +657,8 @@ def render_info(ctx: BuildContext) -> dict[str, bytes]:
     rendered = {}
     for name in sorted(env.list_templates(filter_func=lambda n: n.startswith("info/"))):
         target = name.removeprefix("info/").removesuffix(".j2")
-        rendered[target] = env.get_template(name).render(values).encode()
+        # surrogateescape: a base path that is not UTF-8 goes in as the bytes it is.
+        rendered[target] = env.get_template(name).render(values).encode("utf-8", "surrogateescape")
     return rendered
 
 

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .errors import BadInputError
 from .log import log
 
 ENTRY_FILE = "entry.json"
@@ -184,5 +185,12 @@ class Cache:
                 with contextlib.suppress(OSError):
                     if path.is_file() and not path.is_symlink():
                         freed += path.stat().st_size
-            shutil.rmtree(self.root)
+            try:
+                shutil.rmtree(self.root)
+            except OSError as exc:
+                raise BadInputError(
+                    f"cannot empty the cache at {self.root}: {exc.strerror}",
+                    hint="check that its file system is writable and the files are yours, or "
+                    "remove it by hand",
+                ) from None
         return freed

@@ -21,6 +21,9 @@ TEMPLATES_DIR = ROOT / "templates"
 # from whichever of its directories invoke runs.
 DEFAULT_OUT = ROOT / "out"
 DEFAULT_IMAGE = "default"
+# What the guest programs are compiled for (uvmkit builds on and for x86-64 hosts), and so
+# the one platform an image can be.
+GUEST_PLATFORM = "linux/amd64"
 
 
 class Compression(enum.StrEnum):
@@ -180,10 +183,14 @@ def load_recipe(name: str) -> Recipe:
             f"{path}: overlay {overlay} {what}",
             hint="'overlay' names a directory, relative to the recipe file",
         )
+    base = data["base"]
+    if base.startswith(("./", "../")) or (path.parent / base).exists():
+        # A file base, like the overlay, is found from the recipe, wherever invoke runs.
+        base = str(path.parent / base)
     return Recipe(
         name=name,
         path=path,
-        base=data["base"],
+        base=base,
         kernel=path.parent / data["kernel"] if data.get("kernel") else None,
         overlay=overlay,
         init=init,
@@ -240,7 +247,16 @@ def make_build_config(
             f"--compression {compression!r} is not known",
             hint=f"use one of: {', '.join(c.value for c in Compression)}",
         ) from None
-    parse_platform(platform or recipe.platform)  # a malformed one is refused here
+    chosen_platform = parse_platform(platform or recipe.platform)  # malformed: refused here
+    if chosen_platform != parse_platform(GUEST_PLATFORM):
+        # The agent and /init are compiled by this machine's compiler, for this machine.
+        where = "--platform" if platform else f"'platform' in {recipe.path}"
+        raise BadInputError(
+            f"{where} {chosen_platform.shown}: uvmkit's guest programs are built for "
+            f"{GUEST_PLATFORM} only",
+            hint=f"build a {GUEST_PLATFORM} image (from a multi-platform input, "
+            f"--platform {GUEST_PLATFORM} picks it)",
+        )
     if recipe.kernel is not None and not recipe.kernel.is_file():
         # Only `invoke boot` reads it; the build goes on, but says so now.
         log.warning(
@@ -255,7 +271,7 @@ def make_build_config(
         source_date_epoch=default_source_date_epoch(),
         compression=chosen,
         level=level,
-        platform=platform or recipe.platform,
+        platform=GUEST_PLATFORM,
         use_cache=not no_cache,
     )
 

@@ -65,8 +65,8 @@ def from_os_error(exc: OSError, *, where: str = "") -> UvmkitError | None:
         place = exc.filename2 or place
         return ToolError(
             f"no space left on the device while writing {place}",
-            hint="free some space, or point --out or XDG_CACHE_HOME at another disk; "
-            "earlier artifacts are untouched",
+            hint="free some space, or point --out or XDG_CACHE_HOME at another disk (or build "
+            "with --no-cache); earlier artifacts are untouched",
         )
     if not exc.filename:
         return None

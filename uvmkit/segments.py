@@ -81,7 +81,9 @@ def _run_key(entries: Sequence[Planned], layers: Mapping[int, str], salt: str) -
     for p in entries:
         inode = p.inode
         if isinstance(inode.data, Blob):
-            source = f"{layers[inode.data.fd]}@{inode.data.offset}".encode()
+            source = f"{layers[inode.data.fd]}@{inode.data.offset}".encode(
+                "utf-8", "surrogateescape"
+            )
         elif inode.data:
             source = hashlib.sha256(inode.data).hexdigest().encode()
         else:
