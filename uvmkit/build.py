@@ -855,7 +855,7 @@ def publish(ctx: BuildContext, names: Sequence[str]) -> None:
     """
     out = ctx.config.out_dir
     ordered = sorted(names, key=lambda n: (n in (MANIFEST, SUMS), n))
-    retire = not ctx.manifest_wanted and _describes_any(out, names)
+    retire = not ctx.manifest_wanted and _contradicts_manifest(ctx, names)
     with deferred_interrupts():
         # What `invoke clean` may remove: what builds published here, and nothing else.
         (ctx.work / OWNED).write_text(json.dumps(sorted(_owned(out) | set(ordered))) + "\n")
@@ -877,13 +877,18 @@ def publish(ctx: BuildContext, names: Sequence[str]) -> None:
     log.info("artifacts in %s: %s", out, ", ".join(ordered))
 
 
-def _describes_any(out: Path, names: Sequence[str]) -> bool:
-    """True when out/'s manifest lists any of these artifacts."""
+def _contradicts_manifest(ctx: BuildContext, names: Sequence[str]) -> bool:
+    """True when out/'s manifest lists any of these artifacts with other bytes than this
+    build's (a step task that wrote the same bytes leaves the manifest true)."""
     try:
-        listed = json.loads((out / MANIFEST).read_text())["artifacts"]
-        return bool(set(names) & set(listed))
+        listed = json.loads((ctx.config.out_dir / MANIFEST).read_text())["artifacts"]
+        recorded = {name: listed[name]["sha256"] for name in names if name in listed}
     except (OSError, ValueError, KeyError, TypeError):
         return False
+    return any(
+        (ctx.hashes.get(name) or sha256_file(ctx.work / name)) != digest
+        for name, digest in recorded.items()
+    )
 
 
 # --- helpers ------------------------------------------------------------------------
