@@ -412,8 +412,11 @@ def test_image_of_another_platform_is_refused(engine: docker.DockerClient, tmp_p
     finally:
         engine.images.remove(ref, force=True)
 
-    _assert_clean_failure(default, f"image {ref} is for linux/arm64, not linux/amd64",
-                          "--platform linux/arm64")  # fmt: skip
+    _assert_clean_failure(
+        default,
+        f"image {ref} is for linux/arm64, not linux/amd64",
+        "hint: use a linux/amd64 image, the only kind uvmkit's guest runs on",
+    )
     _assert_clean_failure(bogus, "platform 'arm64' is not OS/ARCH")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

@@ -129,12 +129,13 @@ def write_docker_save(
     compression: str = "none",
     tags: Sequence[str] = ("test:latest",),
     images: int = 1,
+    platform: str = "linux/amd64",
 ) -> DockerSave:
     """A classic `docker save` archive (Docker before 25): <id>/layer.tar, <hex>.json.
 
     A layer that appears twice is stored once and linked, as docker does.
     """
-    config = config_json(layers)
+    config = config_json(layers, platform)
     config_hex = sha256(config).removeprefix("sha256:")
     members: list[str] = []
     first_of: dict[str, str] = {}
@@ -375,6 +376,17 @@ def test_an_image_archive_without_its_index_is_refused(tmp_path: Path) -> None:
     assert no_index.value.message == f"{oci} has an oci-layout file but no index.json"
 
 
+def test_a_docker_save_of_another_platform_is_refused(tmp_path: Path, cache: Cache) -> None:
+    layer = layer_tar([file("arch", b"arm64")])
+    saved = write_docker_save(tmp_path / "arm.tar", [layer], platform="linux/arm64").path
+
+    with pytest.raises(BadInputError) as caught:
+        read_archive(saved, cache, tmp_path / "work")
+
+    assert caught.value.message == f"{saved} is an image for linux/arm64, not linux/amd64"
+    assert caught.value.hint == ("save a linux/amd64 image, the only kind uvmkit's guest runs on")
+
+
 def test_docker_25_layout_is_read_as_docker_save(tmp_path: Path, cache: Cache) -> None:
     """Docker 25+ writes an OCI layout with manifest.json naming blobs/sha256/<hex>."""
     layer = layer_tar([file("etc/os-release", b"ID=test\n")])
@@ -452,7 +464,7 @@ def test_missing_platform_lists_what_the_index_offers(tmp_path: Path, cache: Cac
     assert str(written.root) in message
     assert "linux/s390x" in message
     assert "linux/amd64, linux/arm64/v8" in message
-    assert "--platform" in message
+    assert "hint: use an archive that holds a linux/amd64 image" in message
 
 
 def test_platform_from_the_config_when_the_index_does_not_say(tmp_path: Path, cache: Cache) -> None:

@@ -5,7 +5,6 @@ on uvmkit's own files, settings that make no sense. Real builds from file inputs
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -305,6 +304,9 @@ def test_a_step_task_retires_the_manifest_it_would_contradict(base: Path, tmp_pa
     assert same_sums.returncode == 0, same_sums.stdout
     assert step.returncode == 0, step.stderr
     assert "removed manifest.json and SHA256SUMS" in step.stderr
+    assert json.loads((out / ".uvmkit-files").read_text()) == [
+        "delta.tar.gz", "initrd.img", "rootfs.tar.gz"
+    ]  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == [
         ".uvmkit-files",
         "delta.tar.gz",
@@ -506,22 +508,52 @@ def test_a_base_path_that_is_not_utf8_goes_into_info_as_its_bytes(
 
 
 def test_a_recipes_file_base_is_found_from_the_recipe(base: Path, tmp_path: Path) -> None:
-    recipes = tmp_path / "recipes"
-    recipes.mkdir()
-    (recipes / "up.toml").write_text('base = "../base.tar"\n')
-    (recipes / "beside.toml").write_text('base = "base.tar"\n')
-    (recipes / "base.tar").write_bytes(base.read_bytes())
+    # The same recipe and base in two places, one beside the recipe, one above it.
+    outs = []
+    for place in ("one", "two"):
+        recipes = tmp_path / place / "recipes"
+        recipes.mkdir(parents=True)
+        (recipes / "up.toml").write_text('base = "../base.tar"\n')
+        (recipes / "beside.toml").write_text('base = "base.tar"\n')
+        for where in (recipes, recipes.parent):
+            (where / "base.tar").write_bytes(base.read_bytes())
+        for name in ("up", "beside"):
+            out = tmp_path / place / f"out-{name}"
+            result = invoke("build-all", "--image", str(recipes / f"{name}.toml"), "--out",
+                            str(out), tmp_path=tmp_path)  # fmt: skip
 
-    for name in ("up", "beside"):
-        out = tmp_path / name
-        result = invoke("build-all", "--image", str(recipes / f"{name}.toml"), "--out", str(out),
-                        tmp_path=tmp_path)  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            manifest = json.loads((out / "manifest.json").read_text())
+            # Recorded as the recipe wrote it, so both places build the same bytes.
+            assert manifest["base"]["ref"] == ("../base.tar" if name == "up" else "base.tar")
+            outs.append(_artifacts(out))
+    assert outs[0] == outs[2] and outs[1] == outs[3]
 
-        assert result.returncode == 0, result.stderr
-        manifest = json.loads((out / "manifest.json").read_text())
-        given = "../base.tar" if name == "up" else "base.tar"
-        assert manifest["base"]["ref"] == str(recipes / given)
-        assert manifest["base"]["id"] == f"sha256:{hashlib.sha256(base.read_bytes()).hexdigest()}"
+
+@pytest.mark.engine
+def test_a_recipes_base_is_never_taken_from_where_invoke_runs(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipes" / "stray.toml"
+    recipe.parent.mkdir()
+    recipe.write_text('base = "stray-uvmkit.tar"\n')
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    (here / "stray-uvmkit.tar").write_bytes(b"\0" * 10240)  # would be refused if read
+    out = tmp_path / "out"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "invoke", "-r", str(ROOT), "build-all", "--image", str(recipe),
+         "--out", str(out)],
+        cwd=here, env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")),
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    # Taken for an image, which no engine or registry has; the hint looks beside the recipe.
+    assert_refused(result, out, "stray-uvmkit.tar")
+    assert "holds no entries" not in result.stderr
+    assert (
+        f"  hint: no file {recipe.parent / 'stray-uvmkit.tar'} exists either; check 'base' in "
+        "the recipe"
+    ) in result.stderr
 
 
 def test_a_recipe_kernel_that_is_missing_is_said_at_build_time(base: Path, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from . import engine_images
 from .archive import header_checksum_ok
 from .cache import Cache, sha256_file
-from .config import user_path
+from .config import GUEST_PLATFORM, user_path
 from .errors import BadInputError, UvmkitError
 from .interrupts import Handoff
 from .log import progress, step
@@ -125,12 +125,18 @@ class BaseId:
     image: engine_images.ImageInfo | None = None
 
 
-def identify(ref: str) -> BaseId:
-    """Find the base `ref` names (a path, else an engine image, pulled when missing)."""
-    if looks_like_path(ref):
-        path = user_path(ref, "base")
+def identify(ref: str, *, relative_to: Path | None = None) -> BaseId:
+    """Find the base `ref` names (a path, else an engine image, pulled when missing).
+
+    A relative path is taken from `relative_to` (a recipe's directory), or from the
+    current directory when it is None (--base).
+    """
+    check = "check 'base' in the recipe" if relative_to else "check the --base path"
+    path = _base_path(ref, relative_to)
+    if path is not None:
         if not path.exists():
-            raise BadInputError(f"base {ref} does not exist", hint="check the --base path")
+            looked = "" if relative_to is None else f" (looked for at {path})"
+            raise BadInputError(f"base {ref} does not exist{looked}", hint=check)
         if not (path.is_file() or path.is_dir()):
             # A pipe (`<(...)` included) or a device: the base is read more than once (hashed
             # for the cache, then unpacked), and /dev/zero would be hashed forever.
@@ -162,9 +168,20 @@ def identify(ref: str) -> BaseId:
         except UvmkitError as exc:
             if ref.endswith(ARCHIVE_SUFFIXES):
                 # More likely a file name mistyped than an image named like a file.
-                exc.hint = f"no file {os.path.abspath(ref)} exists either; check the --base path"
+                missing = os.path.abspath((relative_to or Path()) / ref)
+                exc.hint = f"no file {missing} exists either; {check}"
             raise
     return BaseId(ref=ref, id=info.id, image=info)
+
+
+def _base_path(ref: str, relative_to: Path | None) -> Path | None:
+    """Where the file base `ref` names lies; None when it names an image instead."""
+    if relative_to is None:
+        return user_path(ref, "base") if looks_like_path(ref) else None
+    path = relative_to / user_path(ref, "base")  # an absolute or ~ path stays itself
+    if ref.startswith(("/", "./", "../", "~")) or path.exists():
+        return path
+    return None
 
 
 def _directory_digest(root: Path) -> str:
@@ -198,7 +215,10 @@ def materialize(
             base.image, cache=cache, work_dir=work_dir, platform=platform, follow=follow
         )
     assert base.path is not None
-    return from_file(base.path, base.id, cache=cache, work_dir=work_dir, platform=platform)
+    source = from_file(base.path, base.id, cache=cache, work_dir=work_dir, platform=platform)
+    # Recorded as given, not as found: a recipe's relative base then reads the same in
+    # every clone, and so do /info/base and the manifest.
+    return dataclasses.replace(source, ref=base.ref)
 
 
 # --- engine images ------------------------------------------------------------------
@@ -224,7 +244,7 @@ def from_engine(
         if have != wanted:
             raise BadInputError(
                 f"image {ref} is for {have}, not {wanted}",
-                hint=f"pass --platform {have} to build for it, or an image for {wanted}",
+                hint=f"use a {GUEST_PLATFORM} image, the only kind uvmkit's guest runs on",
             )
     origin = info.labels.get("org.uvmkit.origin", "") or info.comment
     key = info.id.removeprefix("sha256:")

@@ -296,7 +296,7 @@ def _build_running(work: Path) -> bool:
 
 
 def identify_base(ctx: BuildContext) -> None:
-    ctx.base_id = identify(ctx.config.base)
+    ctx.base_id = identify(ctx.config.base, relative_to=ctx.config.base_dir)
     log.debug("base %s is %s", ctx.config.base, ctx.base_id.id)
 
 
@@ -858,7 +858,8 @@ def publish(ctx: BuildContext, names: Sequence[str]) -> None:
     retire = not ctx.manifest_wanted and _contradicts_manifest(ctx, names)
     with deferred_interrupts():
         # What `invoke clean` may remove: what builds published here, and nothing else.
-        (ctx.work / OWNED).write_text(json.dumps(sorted(_owned(out) | set(ordered))) + "\n")
+        owned = (_owned(out) - ({MANIFEST, SUMS, STAMP} if retire else set())) | set(ordered)
+        (ctx.work / OWNED).write_text(json.dumps(sorted(owned)) + "\n")
         with all_or_nothing(out, ctx.work) as swap:
             if retire:
                 # A step task replacing an artifact of an earlier build-all takes that

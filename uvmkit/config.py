@@ -66,6 +66,9 @@ class BuildConfig:
     recipe: Recipe
     base: str
     out_dir: Path
+    # Where a relative file base is found: the recipe's directory for the recipe's own base,
+    # None (where invoke runs) for --base.
+    base_dir: Path | None
     source_date_epoch: int
     # initrd.img's compression; rootfs.tar.gz and delta.tar.gz are always gzip.
     compression: Compression = Compression.GZIP
@@ -183,14 +186,10 @@ def load_recipe(name: str) -> Recipe:
             f"{path}: overlay {overlay} {what}",
             hint="'overlay' names a directory, relative to the recipe file",
         )
-    base = data["base"]
-    if base.startswith(("./", "../")) or (path.parent / base).exists():
-        # A file base, like the overlay, is found from the recipe, wherever invoke runs.
-        base = str(path.parent / base)
     return Recipe(
         name=name,
         path=path,
-        base=base,
+        base=data["base"],
         kernel=path.parent / data["kernel"] if data.get("kernel") else None,
         overlay=overlay,
         init=init,
@@ -268,6 +267,7 @@ def make_build_config(
         recipe=recipe,
         base=base or recipe.base,
         out_dir=out_dir(out),
+        base_dir=None if base else recipe.path.parent,
         source_date_epoch=default_source_date_epoch(),
         compression=chosen,
         level=level,

@@ -8,11 +8,13 @@ a cache key for them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +129,19 @@ def _hash(source_dir: Path, compiler: _Compiler, flags: list[str]) -> str:
     return digest.hexdigest()
 
 
+def _compile(compiler: str, args: list[str], *, env: dict[str, str], cwd: Path, out: Path) -> None:
+    """Run the compiler; its diagnostics are shown when it fails, except for a full disk,
+    which is the one-line error any other write to that disk gives."""
+    proc = run([compiler, *args], env=env, cwd=cwd, capture=True, check=False)
+    if proc.returncode == 0:
+        return
+    if "No space left on device" in proc.stderr:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
+    sys.stderr.write(proc.stderr)
+    raise ToolError(f"{Path(compiler).name} could not compile the guest (exit code "
+                    f"{proc.returncode}); its messages are above")  # fmt: skip
+
+
 def guest_source_hash(*, source_dir: Path = GUEST_DIR) -> str:
     """The cache key of the guest binaries, computed without compiling them."""
     compiler = _find_compiler()
@@ -157,11 +172,8 @@ def build_guest(
             output = work_dir / name
             # Relative names, run from source_dir: the checkout's path stays out of the binary.
             sources = [main_source, *SHARED_SOURCES]
-            run(
-                [compiler.command, *flags, "-o", output.resolve(), *sources],
-                env=env,
-                cwd=source_dir,
-            )
+            _compile(compiler.command, [*flags, "-o", str(output.resolve()), *sources],
+                     env=env, cwd=source_dir, out=work_dir)  # fmt: skip
             os.chmod(output, 0o755)
             log.debug("%s: %s", output, human_size(output.stat().st_size))
             outputs[name] = output

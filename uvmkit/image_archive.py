@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from .archive import BLOCK, Entry, Kind, read_tar
 from .base import SPOOL_CHUNK, BaseSource, Layer, LayerFormat, Sniffed, sniff
 from .cache import Cache
+from .config import GUEST_PLATFORM
 from .errors import BadInputError
 from .log import human_size, log, progress, step
 from .platforms import DEFAULT_PLATFORM, Platform, make_platform, parse_platform
@@ -598,7 +599,8 @@ def _choose(store: _Store, want: Platform) -> tuple[_Candidate, tuple[str, ...]]
         listed = ", ".join(dict.fromkeys(offered)) or "no platform at all"
         raise BadInputError(
             f"{store.archive}: no image for platform {want}; the index offers {listed}",
-            hint="choose one with --platform, or with platform = in the image recipe",
+            hint=f"use an archive that holds a {GUEST_PLATFORM} image, the only kind uvmkit's "
+            "guest runs on",
         )
     chosen = matches[0]
     same = [c for c in matches if c.desc.digest == chosen.desc.digest]
@@ -703,7 +705,11 @@ def _docker_save(
 
     has_platform = _config_platform(config)
     if has_platform is not None and has_platform != want:
-        log.warning("%s is an image for %s, not %s; using it anyway", archive, has_platform, want)
+        # As for an engine image: a guest of another architecture would not boot.
+        raise BadInputError(
+            f"{archive} is an image for {has_platform}, not {want}",
+            hint=f"save a {GUEST_PLATFORM} image, the only kind uvmkit's guest runs on",
+        )
     # Docker 25 and later write an OCI layout next to manifest.json, with manifests.
     with_index = store.find(INDEX_JSON) is not None
     digests: tuple[str, ...] = ()
