@@ -218,7 +218,7 @@ def clean(c: Context, out: str | None = None, cache: bool = False) -> None:
         "cpus": "virtual CPUs (default 1)",
         "memory": "guest memory in MB (default 512)",
         "kernel_args": "extra kernel command line arguments",
-        "count": "boot this many times (with --measure: report boot times)",
+        "count": "boot this many times; more than once also reports the boot times",
         "parallel": "how many guests to run at once (default 1)",
         "measure": "report min/median/max time from QEMU start to the agent's hello",
         "console_log": "where to write the guest's console (default: OUT/console.log)",

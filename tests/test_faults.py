@@ -156,6 +156,7 @@ def test_full_cache_disk_is_named(busybox_image: str, tmp_path: Path) -> None:
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert errors[0].startswith("error: no space left on the device while writing"), errors
     assert f"{cache}/uvmkit" in errors[0]
+    assert str(out) not in errors[0]  # out/'s disk has room: only the cache is named
     assert not out.exists()
 
 

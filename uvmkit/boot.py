@@ -210,7 +210,8 @@ def _validate(options: BootOptions) -> None:
     checks = [
         (options.timeout > 0, "--timeout must be more than 0 seconds"),
         (options.cpus >= 1, "--cpus must be at least 1"),
-        (options.memory_mb >= 64, "--memory must be at least 64 MB"),
+        # Debian's kernel, unpacking a small initrd, needs about 100 MB before /init runs.
+        (options.memory_mb >= 128, "--memory must be at least 128 MB"),
         (options.count >= 1, "--count must be at least 1"),
         (options.parallel >= 1, "--parallel must be at least 1"),
     ]

@@ -953,11 +953,27 @@ def _friendly_os_errors(config: BuildConfig) -> Iterator[None]:
     except OSError as exc:
         where = str(config.out_dir)
         if config.use_cache:
-            where += f" or the cache at {config.cache_dir}"
+            # A write that names no file: the disk with less room left is the one that filled.
+            out_room, cache_room = _free_bytes(config.out_dir), _free_bytes(config.cache_dir)
+            if cache_room < out_room:
+                where = f"the cache at {config.cache_dir}"
+            elif cache_room == out_room:
+                where += f" or the cache at {config.cache_dir}"
         converted = from_os_error(exc, where=where)
         if converted is None:
             raise
         raise converted from None
+
+
+def _free_bytes(path: Path) -> int:
+    """Room left on the disk holding path (or its nearest existing parent)."""
+    for candidate in (path, *path.parents):
+        try:
+            stats = os.statvfs(candidate)
+        except OSError:
+            continue
+        return stats.f_bavail * stats.f_frsize
+    return 0
 
 
 @functools.cache
