@@ -108,9 +108,13 @@ def sniff(head: bytes) -> Sniffed:
 ARCHIVE_SUFFIXES = (".tar", ".tgz", ".gz", ".zst", ".xz", ".bz2", ".cpio", ".img")
 
 
+# How a reference that is a path, wherever it points, begins.
+PATH_PREFIXES = ("/", "./", "../", "~")
+
+
 def looks_like_path(ref: str) -> bool:
     """True when --base names something on disk rather than an image reference."""
-    return os.path.exists(ref) or ref.startswith(("/", "./", "../", "~"))
+    return os.path.exists(ref) or ref.startswith(PATH_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,7 @@ def _base_path(ref: str, relative_to: Path | None) -> Path | None:
     if relative_to is None:
         return user_path(ref, "base") if looks_like_path(ref) else None
     path = relative_to / user_path(ref, "base")  # an absolute or ~ path stays itself
-    if ref.startswith(("/", "./", "../", "~")) or path.exists():
+    if ref.startswith(PATH_PREFIXES) or path.exists():
         return path
     return None
 

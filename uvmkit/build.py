@@ -494,17 +494,13 @@ def build_agent(ctx: BuildContext) -> None:
         json.dumps({"compiler": built.compiler, "source_hash": built.source_hash})
     )
     _use_guest(ctx, directory)
-    try:
-        with ctx.cache.store("guest", guest.guest_source_hash()) as tmp:
-            if tmp is not None:
-                for name in ("init", "uvmkit-agent", "build.json"):
-                    _copy(directory / name, tmp / name)
-    except OSError as exc:
-        log.warning(
-            "could not keep the guest programs in the cache at %s (%s)",
-            ctx.cache.root,
-            exc.strerror or exc,
-        )
+    with (
+        ctx.cache.best_effort("the guest programs"),
+        ctx.cache.store("guest", guest.guest_source_hash()) as tmp,
+    ):
+        if tmp is not None:
+            for name in ("init", "uvmkit-agent", "build.json"):
+                _copy(directory / name, tmp / name)
 
 
 def _use_guest(ctx: BuildContext, entry: Path) -> None:
@@ -823,14 +819,8 @@ def store_in_cache(ctx: BuildContext) -> None:
     The cache only saves time: when it cannot be written (a full disk, say), the build
     goes on and says so.
     """
-    try:
+    with ctx.cache.best_effort("this build"):
         _store_in_cache(ctx)
-    except OSError as exc:
-        log.warning(
-            "could not keep this build in the cache at %s (%s); the artifacts are not affected",
-            ctx.cache.root,
-            exc.strerror or exc,
-        )
 
 
 def _store_in_cache(ctx: BuildContext) -> None:
@@ -1017,7 +1007,8 @@ def clean_outputs(out: Path, *, cache: bool) -> None:
     if not out.exists():
         log.info("nothing to clean: %s does not exist", out)
     elif (out / OWNED).exists():
-        if not _owned(out):
+        owned = _owned(out)
+        if not owned:
             log.warning(
                 "%s lists no files (it is damaged or empty): only uvmkit's records and boot "
                 "logs are removed; remove the artifacts by hand",
@@ -1025,7 +1016,7 @@ def clean_outputs(out: Path, *, cache: bool) -> None:
             )
         removed = 0
         logs = {p.name for p in out.glob("console*.log")}
-        for name in sorted({*_owned(out), *logs, STAMP, OWNED}):
+        for name in sorted({*owned, *logs, STAMP, OWNED}):
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 (out / name).unlink()
                 removed += 1

@@ -75,6 +75,20 @@ class Cache:
                 "keeping anything in it" if self.enabled else "it",
             )
 
+    @contextlib.contextmanager
+    def best_effort(self, what: str) -> Iterator[None]:
+        """A block that keeps `what` in the cache, which only saves time: a failure to write
+        (a full disk, say) costs a warning, and the build goes on."""
+        try:
+            yield
+        except OSError as exc:
+            log.warning(
+                "could not keep %s in the cache at %s (%s); the artifacts are not affected",
+                what,
+                self.root,
+                exc.strerror or exc,
+            )
+
     def note_hash(self, path: Path, digest: str) -> None:
         """Record the sha256 of a file just written into an entry, as its writer saw it."""
         self._known[path] = digest

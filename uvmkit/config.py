@@ -80,7 +80,7 @@ class BuildConfig:
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
 
     def __post_init__(self) -> None:
-        if self.level is not None and self.compression is Compression.NONE and self.level:
+        if self.compression is Compression.NONE and self.level:
             raise BadInputError(
                 f"--level {self.level} does not apply to --compression none",
                 hint="leave --level out; rootfs.tar.gz and delta.tar.gz then take gzip's "
